@@ -1,0 +1,22 @@
+"""stellarlm: a foundation model for stars, one named token per observation.
+
+Public API::
+
+    from stellarlm import Vocabulary, TokenTable, load_embedded
+"""
+
+from .data.table import TokenTable
+from .errors import (BadValueError, DataFileError, StellarLMError, UnknownTokenError,
+                     VocabularyMismatchError)
+from .vocab import Token, Vocabulary
+
+__all__ = ["Vocabulary", "Token", "TokenTable", "load_embedded", "StellarLMError", "UnknownTokenError",
+           "DataFileError", "VocabularyMismatchError", "BadValueError"]
+__version__ = "0.1.0"
+
+
+def load_embedded(cache_dir=None) -> TokenTable:
+    """The embedded default data set (real Gaia XP + APOGEE stars), built on first use."""
+    from .data.embedded import load_embedded as _load
+
+    return _load(cache_dir)

