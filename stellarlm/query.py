@@ -1,0 +1,238 @@
+"""StellarLM: ask a trained model for any tokens given any others.
+
+Example
+-------
+>>> from stellarlm import StellarLM
+>>> model = StellarLM.load("models/default")
+>>> out = model.query({"teff": [4800.0], "logg": [2.5], "m_h": [-0.2]}, want=["g", "j", "bp_0"])
+>>> out.colnames
+['g', 'g_err', 'j', 'j_err', 'bp_0', 'bp_0_err']
+
+Inputs are in physical units: an astropy Table (columns with units are converted to the token's
+unit; an incompatible unit is an error), a pandas DataFrame, or a dict of arrays. A column named
+``<token>_err`` gives that token's uncertainty; without it the model assumes the typical training
+error of that token. NaN means "not observed". Output is an astropy Table with a ``name`` and a
+``name_err`` column per wanted name, in physical units, one row per input star.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .errors import BadValueError, UnknownTokenError
+from .training import load_model, pick_device
+from .vocab import GAIA_G_ZEROPOINT, N_XP, Vocabulary
+
+PASSTHROUGH = ("source_id", "star_id", "apogee_id", "designation", "split")
+
+
+class StellarLM:
+    """A trained stellarlm model with its vocabulary, behind a query API."""
+
+    def __init__(self, model, vocab: Vocabulary, meta: dict, device: str = "auto"):
+        self.device = pick_device(device)
+        self.model = model.to(self.device).eval()
+        self.vocab = vocab
+        self.meta = meta
+        typical = meta.get("typical_error", {})
+        self._typical_error = np.array([typical.get(t.name, 0.1) for t in vocab.tokens], dtype=np.float64)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str = "auto", vocab: Vocabulary | None = None) -> StellarLM:
+        """Load ``model.safetensors`` + ``model.json`` from directory ``path``. If ``vocab`` is given, the
+        checkpoint must have been trained with the same token ids (else VocabularyMismatchError)."""
+        model, ckpt_vocab, meta = load_model(Path(path), vocab)
+        return cls(model, ckpt_vocab, meta, device)
+
+    @property
+    def names(self) -> list[str]:
+        return self.vocab.names
+
+    # --- input handling -------------------------------------------------------------------------
+    def _columns(self, observed) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict, int]:
+        """Split the input into token values, token errors and pass-through columns (physical units)."""
+        from astropy.table import Table
+
+        if isinstance(observed, Table):
+            cols = {}
+            for name in observed.colnames:
+                col = observed[name]
+                base = name[:-4] if name.endswith("_err") else name
+                if getattr(col, "unit", None) is not None and base in self.vocab:
+                    cols[name] = self._to_token_unit(name, base, col)
+                else:
+                    cols[name] = np.asarray(col)
+        elif hasattr(observed, "to_dict") and hasattr(observed, "columns"):  # pandas DataFrame
+            cols = {str(c): observed[c].to_numpy() for c in observed.columns}
+        elif isinstance(observed, Mapping):
+            cols = {str(k): np.atleast_1d(np.asarray(v.value if hasattr(v, "unit") else v)) for k, v in observed.items()}
+            for k, v in observed.items():
+                base = k[:-4] if k.endswith("_err") else k
+                if hasattr(v, "unit") and base in self.vocab:
+                    cols[k] = self._to_token_unit(k, base, v)
+        else:
+            raise TypeError(f"observed must be an astropy Table, a pandas DataFrame or a dict, not {type(observed)}")
+        if not cols:
+            raise BadValueError("empty input: no columns given")
+        lengths = {k: len(v) for k, v in cols.items()}
+        n = next(iter(lengths.values()))
+        if any(length != n for length in lengths.values()):
+            raise BadValueError(f"columns have different lengths: {lengths}")
+        if n == 0:
+            raise BadValueError("empty input: no stars (rows) given")
+        values, errors, passthrough = {}, {}, {}
+        for name, col in cols.items():
+            if name in PASSTHROUGH:
+                passthrough[name] = col
+                continue
+            if col.ndim != 1:
+                raise BadValueError(f"column {name!r} has shape {col.shape}; expected one value per star")
+            base = name[:-4] if name.endswith("_err") else name
+            if base not in self.vocab:
+                raise UnknownTokenError(name, self.vocab.names + [f"{x}_err" for x in self.vocab.names])
+            try:
+                arr = np.asarray(col, dtype=np.float64)
+            except (TypeError, ValueError):
+                raise BadValueError(f"column {name!r} is not numeric") from None
+            (errors if name.endswith("_err") else values)[base] = arr
+        for name in errors:
+            if name not in values:
+                raise BadValueError(f"error column '{name}_err' given without a '{name}' column")
+        return values, errors, passthrough, n
+
+    def _to_token_unit(self, column: str, token: str, col) -> np.ndarray:
+        import astropy.units as u
+
+        unit = self.vocab[token].unit
+        target = u.Unit(unit) if unit else u.dimensionless_unscaled
+        try:
+            q = col.quantity if hasattr(col, "quantity") else u.Quantity(col)
+            return np.asarray(q.to_value(target), dtype=np.float64)
+        except u.UnitConversionError:
+            raise BadValueError(f"column {column!r} has unit {col.unit}, which cannot be converted to "
+                                f"{target} (token {token!r})") from None
+
+    def _encode_inputs(self, values: dict, errors: dict, n: int):
+        names = list(values)
+        ids = self.vocab.ids(names)
+        v = np.column_stack([values[k] for k in names])
+        e = np.column_stack([errors[k] if k in errors else np.full(n, np.nan) for k in names])
+        if np.isinf(v).any():
+            j = np.nonzero(np.isinf(v).any(0))[0][0]
+            raise BadValueError(f"column {names[j]!r} has infinite values; use NaN for 'not observed'")
+        bad_err = np.isfinite(v) & np.isfinite(e) & (e < 0)
+        if bad_err.any():
+            j = np.nonzero(bad_err.any(0))[0][0]
+            raise BadValueError(f"column '{names[j]}_err' has negative uncertainties")
+        vn, en = self.vocab.normalise(v, ids, e)
+        # a value given without an error: assume the token's typical training error
+        en = np.where(np.isfinite(en), en, self._typical_error[ids])
+        present = np.isfinite(vn)
+        empty = ~present.any(1)
+        if empty.all():
+            raise BadValueError("no star has any observed (non-NaN) token")
+        return ids, vn, en, present, empty
+
+    # --- queries --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def query(self, observed, want: Sequence[str], batch_size: int = 256, progress: bool | None = None):
+        """Predict the ``want`` tokens (mean and 1-sigma) for every star in ``observed``.
+
+        Raises UnknownTokenError for an unknown name (with suggestions), BadValueError for an
+        infinite value, a non-1-D column, empty input, a wanted name that is also given, or a
+        unit that does not convert. A star with no observed token gets NaN answers.
+        """
+        from astropy.table import Table
+        import astropy.units as u
+
+        want = [want] if isinstance(want, str) else list(want)
+        if not want:
+            raise BadValueError("want is empty: name at least one token to predict")
+        want_ids = self.vocab.ids(want)
+        values, errors, passthrough, n = self._columns(observed)
+        both = [w for w in want if w in values]
+        if both:
+            raise BadValueError(f"{both} are both given and wanted; drop them from one of the two")
+        ids, vn, en, present, empty = self._encode_inputs(values, errors, n)
+        mean = np.full((n, len(want)), np.nan)
+        sigma = np.full((n, len(want)), np.nan)
+        show = progress if progress is not None else n > 50_000
+        q_ids = torch.as_tensor(want_ids, device=self.device)
+        for start in tqdm(range(0, n, batch_size), desc="query", unit="batch", disable=not show):
+            sl = slice(start, start + batch_size)
+            m, s = self._predict(ids, vn[sl], en[sl], present[sl], q_ids)
+            mean[sl], sigma[sl] = m, s
+        mean, sigma = self.vocab.denormalise(mean, want_ids, sigma)
+        mean[empty], sigma[empty] = np.nan, np.nan
+        out = Table()
+        for k, col in passthrough.items():
+            out[k] = col
+        for j, name in enumerate(want):
+            unit = self.vocab[name].unit
+            out[name] = mean[:, j]
+            out[f"{name}_err"] = sigma[:, j]
+            if unit:
+                out[name].unit = out[f"{name}_err"].unit = u.Unit(unit)
+        return out
+
+    def _predict(self, ids, vn, en, present, q_ids):
+        """One batch: pack each star's present tokens to the left (order is irrelevant to the model)."""
+        b = len(vn)
+        counts = present.sum(1)
+        width = max(int(counts.max()), 1)
+        order = np.argsort(~present, axis=1, kind="stable")[:, :width]
+        mask = np.take_along_axis(present, order, 1)
+        tok = ids[order]
+        val = np.where(mask, np.take_along_axis(np.nan_to_num(vn), order, 1), 0.0)
+        err = np.where(mask, np.take_along_axis(en, order, 1), 1.0)
+        mask[counts == 0, 0] = True  # a star with nothing observed: attend to a dummy, answer blanked later
+        dev = self.device
+        memory = self.model.encode(torch.as_tensor(tok, device=dev), torch.as_tensor(val, dtype=torch.float32, device=dev),
+                                   torch.as_tensor(err, dtype=torch.float32, device=dev), torch.as_tensor(mask, device=dev))
+        mean, logvar = self.model.decode(memory, torch.as_tensor(mask, device=dev), q_ids.expand(b, -1))
+        return mean.float().cpu().numpy(), torch.exp(0.5 * logvar.float()).cpu().numpy()
+
+    def embed(self, observed, batch_size: int = 4096) -> np.ndarray:
+        """A fixed-length vector per star (mean of the encoded tokens) for similarity search."""
+        values, errors, _, n = self._columns(observed)
+        ids, vn, en, present, _ = self._encode_inputs(values, errors, n)
+        out = []
+        with torch.inference_mode():
+            for start in range(0, n, batch_size):
+                sl = slice(start, start + batch_size)
+                p = present[sl]
+                t = torch.as_tensor
+                mem = self.model.encode(t(np.broadcast_to(ids, p.shape).copy()),
+                                        t(np.nan_to_num(vn[sl]), dtype=torch.float32),
+                                        t(np.where(p, en[sl], 1.0), dtype=torch.float32), t(p))
+                w = t(p, dtype=torch.float32).unsqueeze(-1)
+                out.append(((mem * w).sum(1) / w.sum(1).clamp_min(1)).numpy())
+        return np.concatenate(out)
+
+    def labels_from_xp(self, bp_coefficients, rp_coefficients, phot_g_mean_mag, want=("teff", "logg", "m_h"),
+                       bp_coefficient_errors=None, rp_coefficient_errors=None):
+        """Labels from XP coefficients as the Gaia archive gives them (e-/s units, 55 per band) and G.
+
+        Divides the coefficients by the G-band flux as the model's tokens expect, then queries.
+        """
+        bp, rp = np.atleast_2d(bp_coefficients).astype(float), np.atleast_2d(rp_coefficients).astype(float)
+        g = np.atleast_1d(np.asarray(phot_g_mean_mag, dtype=float))
+        for what, arr in (("bp_coefficients", bp), ("rp_coefficients", rp)):
+            if arr.shape != (len(g), N_XP):
+                raise BadValueError(f"{what} has shape {arr.shape}; expected ({len(g)}, {N_XP})")
+        fg = 10 ** (-0.4 * (g - GAIA_G_ZEROPOINT))[:, None]
+        obs = {"g": g}
+        for band, arr, err in (("bp", bp, bp_coefficient_errors), ("rp", rp, rp_coefficient_errors)):
+            for i in range(N_XP):
+                obs[f"{band}_{i}"] = arr[:, i] / fg[:, 0]
+            if err is not None:
+                e = np.atleast_2d(err).astype(float) / fg
+                for i in range(N_XP):
+                    obs[f"{band}_{i}_err"] = e[:, i]
+        return self.query(obs, list(want))

@@ -1,0 +1,326 @@
+"""Training: random-subset sampling, the loop, and checkpoints that resume exactly.
+
+Each step draws a batch of training stars. For each star the available (non-missing) tokens are
+put in a random order and split: the first ``n_in`` are inputs, the next (up to
+``max_targets``) are targets. Missing tokens are never inputs or targets. Two kinds of order are
+mixed:
+
+* token subsets (probability ``1 - p_group``): any tokens, ``n_in`` uniform in 1..n_available-1;
+* modality subsets (probability ``p_group``): whole groups (XP, photometry, labels, LAMOST, ...)
+  are given or withheld together, which is how users ask (e.g. XP + G -> labels).
+
+Targets are ordered by weighted sampling (Efraimidis & Spirakis 2006) with weight 1/group size,
+so the four labels are asked for as often as the 200 LAMOST bins.
+
+Checkpoints: ``<out>/checkpoint/`` holds the weights (safetensors), a JSON file with the model
+config, the vocabulary and its normalisation statistics, and the optimiser and RNG state; every
+file is written to a temporary name and renamed, the state file last, so a kill during a save
+leaves the previous checkpoint intact. ``resume=True`` continues from it: same step, optimiser
+and RNG state, so the resumed run ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .data.table import TokenTable
+from .errors import DataFileError, VocabularyMismatchError
+from .model import ModelConfig, StellarTransformer, gaussian_nll
+from .vocab import GROUPS, Vocabulary
+
+CHECKPOINT_DIR = "checkpoint"
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "model.json"
+STATE_FILE = "train_state.pt"
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/default"
+    steps: int = 6000
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 200
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 1.0
+    max_targets: int = 32
+    max_inputs: int = 160  # caps attention cost; XP (110) + photometry always fit
+    p_group: float = 0.5
+    seed: int = 0
+    eval_every: int = 0  # 0: once per epoch (n_train / batch_size steps)
+    checkpoint_every: int = 500
+    max_minutes: float | None = None  # stop early (and checkpoint) after this much wall time
+    device: str = "auto"
+    threads: int | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+# --- arrays ------------------------------------------------------------------------------------
+@dataclass
+class NormalisedData:
+    """A TokenTable in the model's units: float32 (n, T) values and errors, NaN where missing."""
+
+    ids: torch.Tensor  # (T,) token id of each column
+    values: torch.Tensor
+    errors: torch.Tensor
+    group: torch.Tensor  # (T,) group index of each column
+
+    @classmethod
+    def from_table(cls, table: TokenTable, vocab: Vocabulary) -> NormalisedData:
+        ids = vocab.ids(table.names)
+        v, e = vocab.normalise(table.values.astype(np.float64), ids, table.errors.astype(np.float64))
+        group = np.array([GROUPS.index(vocab[n].group) for n in table.names])
+        return cls(torch.as_tensor(ids), torch.as_tensor(v, dtype=torch.float32),
+                   torch.as_tensor(e, dtype=torch.float32), torch.as_tensor(group))
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+def sample_batch(data: NormalisedData, rows: torch.Tensor, gen: torch.Generator, max_targets: int,
+                 p_group: float, max_inputs: int = 1_000_000) -> dict[str, torch.Tensor]:
+    """Random input/target subsets for ``rows``; returns padded tensors and masks (see module doc)."""
+    v, e = data.values[rows], data.errors[rows]
+    avail = torch.isfinite(v)
+    b, t = v.shape
+    n_avail = avail.sum(1)
+    group_size = torch.bincount(data.group, minlength=len(GROUPS)).float()
+    weight = 1.0 / group_size[data.group]  # (T,)
+    u = torch.rand(b, t, generator=gen).clamp_min(1e-12)
+    key = torch.log(u) / weight  # Efraimidis-Spirakis: larger key = earlier
+    # modality subsets: each group given with probability 1/2; tokens of given groups go first
+    use_group = torch.rand(b, generator=gen) < p_group
+    given = torch.rand(b, len(GROUPS), generator=gen) < 0.5
+    token_given = given[:, data.group] & avail
+    n_given = token_given.sum(1)
+    use_group &= (n_given > 0) & (n_given < n_avail)
+    key = torch.where(use_group[:, None] & token_given, key + 1e6, key)
+    key = key.masked_fill(~avail, -math.inf)
+    order = torch.argsort(key, dim=1, descending=True)
+    n_rand = (torch.rand(b, generator=gen) * (n_avail - 1).clamp_min(1)).long() + 1
+    n_in = torch.where(use_group, n_given, n_rand).clamp(max=(n_avail - 1).clamp_min(1)).clamp(max=max_inputs)
+    pos = torch.arange(t)
+    width_in = int(n_in.max())
+    in_cols = order[:, :width_in]
+    in_mask = pos[:width_in][None, :] < n_in[:, None]
+    tg_pos = (n_in[:, None] + pos[None, :max_targets]).clamp(max=t - 1)
+    tg_cols = torch.gather(order, 1, tg_pos)
+    tg_mask = (n_in[:, None] + pos[None, :max_targets] < n_avail[:, None])
+
+    def take(x, cols, mask):
+        return torch.gather(x, 1, cols).masked_fill(~mask, 0.0)
+
+    return {
+        "ids": data.ids[in_cols], "values": take(v, in_cols, in_mask), "errors": take(e, in_cols, in_mask),
+        "mask": in_mask, "query_ids": data.ids[tg_cols], "target": take(v, tg_cols, tg_mask),
+        "target_err": take(e, tg_cols, tg_mask), "target_mask": tg_mask,
+    }
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio * lr`` at ``cfg.steps``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def typical_errors(data: NormalisedData, vocab: Vocabulary) -> dict[str, float]:
+    """Median normalised error of each token in the training data: the error a query assumes for
+    a value given without one."""
+    med = torch.nanmedian(data.errors, dim=0).values
+    return {vocab[int(i)].name: float(m) for i, m in zip(data.ids, med) if math.isfinite(float(m))}
+
+
+def save_model(directory: Path, model: StellarTransformer, vocab: Vocabulary, extra: dict) -> None:
+    """Weights (safetensors) + JSON (config, vocabulary, statistics, provenance), atomically."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(state, str(p)))
+    meta = {"format": "stellarlm-model", "version": 1, "config": model.cfg.to_dict(),
+            "vocabulary": json.loads(vocab.to_json()), **extra}
+    _atomic_write(directory / META_FILE, lambda p: p.write_text(json.dumps(meta, indent=1)))
+
+
+def load_model(directory: str | os.PathLike, vocab: Vocabulary | None = None
+               ) -> tuple[StellarTransformer, Vocabulary, dict]:
+    """Read a model written by :func:`save_model`. If ``vocab`` is given it must match the
+    checkpoint's token for token (ids and names); otherwise :class:`VocabularyMismatchError`."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    meta_path, weights_path = directory / META_FILE, directory / WEIGHTS_FILE
+    for p in (meta_path, weights_path):
+        if not p.exists():
+            raise DataFileError(p, "checkpoint file missing")
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != "stellarlm-model":
+            raise ValueError("missing format tag 'stellarlm-model'")
+        ckpt_vocab = Vocabulary.from_json(json.dumps(meta["vocabulary"]))
+        cfg = ModelConfig(**meta["config"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataFileError(meta_path, f"not a stellarlm model description ({exc})") from exc
+    if vocab is not None:
+        theirs = [(t.id, t.name) for t in ckpt_vocab.tokens]
+        ours = [(t.id, t.name) for t in vocab.tokens]
+        if theirs != ours[: len(theirs)] or len(ours) != len(theirs):
+            diff = next(((a, b) for a, b in zip(theirs, ours) if a != b), (len(theirs), len(ours)))
+            raise VocabularyMismatchError(f"{meta_path}: checkpoint vocabulary differs from the one in use "
+                                          f"(first difference: {diff[0]} vs {diff[1]})")
+    model = StellarTransformer(cfg)
+    try:
+        state = load_file(str(weights_path))
+        model.load_state_dict(state)
+    except Exception as exc:
+        raise DataFileError(weights_path, f"corrupt or mismatched weights ({exc})") from exc
+    return model.eval(), ckpt_vocab, meta
+
+
+def _save_checkpoint(out: Path, model, vocab, opt, gen: torch.Generator, step: int, cfg: TrainConfig,
+                     extra: dict) -> None:
+    ckpt = out / CHECKPOINT_DIR
+    save_model(ckpt, model, vocab, {**extra, "step": step})
+    state = {"step": step, "optimizer": opt.state_dict(), "generator": gen.get_state(),
+             "torch_rng": torch.get_rng_state(), "train_config": _config_dict(cfg)}
+    # written last: its step names the weights beside it as complete
+    _atomic_write(ckpt / STATE_FILE, lambda p: torch.save(state, p))
+
+
+def _config_dict(cfg: TrainConfig) -> dict:
+    d = asdict(cfg)
+    d["model"] = cfg.model.to_dict()
+    return d
+
+
+# --- the loop ----------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model: StellarTransformer, data: NormalisedData, cfg: TrainConfig, device: torch.device,
+             n_batches: int = 8, seed: int = 1234) -> float:
+    """Mean NLL on fixed random subsets of ``data`` (the same subsets every call)."""
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    total, count = 0.0, 0
+    for _ in range(n_batches):
+        rows = torch.randint(len(data), (min(cfg.batch_size, len(data)),), generator=gen)
+        batch = {k: x.to(device) for k, x in sample_batch(data, rows, gen, cfg.max_targets, cfg.p_group, cfg.max_inputs).items()}
+        mean, logvar = model(batch["ids"], batch["values"], batch["errors"], batch["mask"], batch["query_ids"])
+        n = batch["target_mask"].sum().item()
+        total += gaussian_nll(mean.float(), logvar.float(), batch["target"], batch["target_err"],
+                              batch["target_mask"]).item() * n
+        count += n
+    model.train()
+    return total / max(count, 1)
+
+
+def train(table: TokenTable, cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Train on ``table``'s training split (validation split for the loss each epoch).
+
+    Returns the output directory, which then holds ``model.safetensors`` + ``model.json`` (the
+    final model, for :meth:`stellarlm.StellarLM.load`), ``metrics.jsonl`` and ``checkpoint/``.
+    """
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    vocab = table.vocab
+    train_data = NormalisedData.from_table(table.subset("train"), vocab)
+    val_data = NormalisedData.from_table(table.subset("val"), vocab)
+    if len(train_data) == 0:
+        raise ValueError("the table has no training stars (split == 0)")
+
+    torch.manual_seed(cfg.seed)
+    cfg.model.n_vocab = len(vocab)
+    model = StellarTransformer(cfg.model).to(device)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n and "query" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n and "query" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    extra = {"typical_error": typical_errors(train_data, vocab), "data": table.meta.get("name"),
+             "train_config": _config_dict(cfg)}
+    step = 0
+    ckpt = out / CHECKPOINT_DIR
+    if resume and (ckpt / STATE_FILE).exists():
+        try:
+            state = torch.load(ckpt / STATE_FILE, weights_only=False)
+        except Exception as exc:
+            raise DataFileError(ckpt / STATE_FILE, f"corrupt training state ({exc})") from exc
+        loaded, _, meta = load_model(ckpt, vocab)
+        if meta.get("step") != state["step"]:
+            raise DataFileError(ckpt, f"weights (step {meta.get('step')}) and state (step {state['step']}) disagree")
+        model.load_state_dict(loaded.state_dict())
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        step = state["step"]
+    elif not resume and (out / "metrics.jsonl").exists():
+        (out / "metrics.jsonl").unlink()  # a fresh run starts a fresh log
+
+    steps_per_epoch = max(1, len(train_data) // cfg.batch_size)
+    eval_every = cfg.eval_every or steps_per_epoch
+    use_amp = device.type == "cuda"
+    t0 = time.time()
+    metrics = open(out / "metrics.jsonl", "a")
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not progress)
+    model.train()
+    running = []
+    while step < cfg.steps:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        rows = torch.randint(len(train_data), (cfg.batch_size,), generator=gen)
+        batch = {k: x.to(device) for k, x in
+                 sample_batch(train_data, rows, gen, cfg.max_targets, cfg.p_group, cfg.max_inputs).items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            mean, logvar = model(batch["ids"], batch["values"], batch["errors"], batch["mask"], batch["query_ids"])
+        loss = gaussian_nll(mean.float(), logvar.float(), batch["target"], batch["target_err"], batch["target_mask"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        step += 1
+        running.append(loss.item())
+        bar.update(1)
+        out_of_time = cfg.max_minutes is not None and (time.time() - t0) > 60 * cfg.max_minutes
+        if step % eval_every == 0 or step == cfg.steps or out_of_time:
+            val = evaluate(model, val_data, cfg, device) if len(val_data) else float("nan")
+            rec = {"step": step, "epoch": step / steps_per_epoch, "train_loss": float(np.mean(running)),
+                   "val_loss": val, "lr": lr_at(step - 1, cfg), "seconds": round(time.time() - t0, 1)}
+            metrics.write(json.dumps(rec) + "\n")
+            metrics.flush()
+            bar.set_postfix(train=f"{rec['train_loss']:.3f}", val=f"{val:.3f}")
+            running = []
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps or out_of_time:
+            _save_checkpoint(out, model, vocab, opt, gen, step, cfg, extra)
+        if out_of_time:
+            break
+    bar.close()
+    metrics.close()
+    save_model(out, model, vocab, {**extra, "step": step})
+    return out
