@@ -4,3 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")"
 bash scripts/install.sh
 .venv/bin/stellarlm data build
+.venv/bin/stellarlm demo

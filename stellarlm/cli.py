@@ -5,6 +5,7 @@
     stellarlm vocab update [--cache-dir DIR]                  write the data's statistics into vocab/tokens.json
     stellarlm train --out DIR [--steps N] [--resume] ...      train a model on the embedded data
     stellarlm query --model DIR --input stars.fits --want teff logg m_h --output out.fits
+    stellarlm demo [--model DIR]                               the shipped model on held-out stars
 """
 
 from __future__ import annotations
@@ -12,7 +13,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pathlib import Path
+
 from .errors import DataFileError, StellarLMError
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default"
 
 
 def _data_build(args) -> int:
@@ -61,6 +66,10 @@ def _train(args) -> int:
     table = load_embedded(args.cache_dir)
     if args.max_stars:
         table = table.subset(slice(0, args.max_stars))
+    if args.without:
+        for g in args.without:
+            table.vocab.group(g)  # raises on an unknown group name
+        table = table.select([n for n in table.names if table.vocab[n].group not in args.without])
     out = train(table, cfg, resume=args.resume)
     print(f"model written to {out}")
     return 0
@@ -87,6 +96,41 @@ def _query(args) -> int:
         out[c] = observed[c]
     out.write(args.output, overwrite=True, **({"format": args.format} if args.format else {}))
     print(f"wrote {len(out)} rows x {len(args.want)} tokens to {args.output}")
+    return 0
+
+
+def _demo(args) -> int:
+    import numpy as np
+
+    from .data.embedded import load_embedded
+    from .query import StellarLM
+
+    table = load_embedded(args.cache_dir)
+    test = table.subset("test")
+    model = StellarLM.load(args.model)
+    xp = test.vocab.group("xp_bp") + test.vocab.group("xp_rp") + ["g"]
+    want = ["teff", "logg", "m_h"]
+    out = model.query({n: test.column(n) for n in xp}, want)
+    print(f"model {args.model}: {model.meta.get('step')} training steps; query: XP coefficients + G -> "
+          f"{', '.join(want)} for the {len(test)} held-out test stars")
+    print(f"{'Gaia DR3 source_id':>20} {'APOGEE_ID':>19} | " + " | ".join(f"{n:>22}" for n in want))
+    print(f"{'':>20} {'':>19} | " + " | ".join(f"{'stellarlm':>13} {'APOGEE':>8}" for _ in want))
+    rng = np.random.default_rng(args.seed)
+    for i in sorted(rng.choice(len(test), size=min(args.n, len(test)), replace=False)):
+        cells = []
+        for n in want:
+            fmt = "{:.0f}" if n == "teff" else "{:.2f}"
+            pred = (fmt + "+-" + fmt).format(out[n][i], out[f"{n}_err"][i])
+            cells.append(f"{pred:>13} {fmt.format(test.column(n)[i]):>8}")
+        print(f"{test.source_id[i]:>20} {test.star_id[i]:>19} | " + " | ".join(cells))
+    parts = []
+    for n in want:
+        truth = test.column(n).astype(float)
+        ok = np.isfinite(truth)
+        r = np.asarray(out[n])[ok] - truth[ok]
+        z = r / np.sqrt(np.asarray(out[f"{n}_err"])[ok] ** 2 + test.error(n)[ok].astype(float) ** 2)
+        parts.append(f"{n}: scatter {1.4826 * np.median(np.abs(r - np.median(r))):.3g}, z std {np.std(z):.2f}")
+    print("whole test split (robust scatter = 1.4826 MAD vs APOGEE): " + "; ".join(parts))
     return 0
 
 
@@ -117,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
     tr.add_argument("--cache-dir", help="data cache directory")
     tr.add_argument("--max-stars", type=int, help="train on the first N stars only (quick runs)")
+    tr.add_argument("--without", nargs="*", default=[], help="token groups to leave out (e.g. lamost)")
     for cls in (TrainConfig, ModelConfig):
         for name, default in vars(cls()).items():
             if name in ("out_dir", "model", "n_vocab"):
@@ -135,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--keep", nargs="*", default=[], help="input columns to copy to the output (ids)")
     q.add_argument("--ignore-unknown", action="store_true", help="skip input columns that are not tokens")
     q.set_defaults(func=_query)
+
+    demo = sub.add_parser("demo", help="show the default model answering XP -> labels for test stars")
+    demo.add_argument("--model", default=str(DEFAULT_MODEL), help="model directory")
+    demo.add_argument("--cache-dir")
+    demo.add_argument("-n", type=int, default=10, help="stars to print")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=_demo)
     return parser
 
 

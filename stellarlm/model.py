@@ -53,7 +53,8 @@ class TokenEmbedding(nn.Module):
         nn.init.normal_(self.bias.weight, std=0.5)
 
     def forward(self, ids: torch.Tensor, values: torch.Tensor, errors: torch.Tensor) -> torch.Tensor:
-        # errors span decades (bp_50 vs teff); a log keeps them on one scale
+        # values arrive in model units (Vocabulary.normalise: heavy tails already squashed);
+        # errors span decades (bp_50 vs teff): a log keeps them on one scale
         s = torch.log(errors.clamp_min(1e-4)).unsqueeze(-1) / 4.0
         return self.f(self.weight(ids) * values.unsqueeze(-1) + self.error_weight(ids) * s) + self.bias(ids)
 
@@ -96,15 +97,9 @@ class EncoderBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class DecoderBlock(nn.Module):
-    """Cross-attention only: a query sees the star, never the other queries."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.d_model)
-        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.dropout)
-        self.norm2 = nn.LayerNorm(cfg.d_model)
-        self.mlp = MLP(cfg.d_model, cfg.mlp_ratio, cfg.dropout)
+class DecoderBlock(EncoderBlock):
+    """Same layers as an encoder block, but cross-attention only: a query sees the star, never the
+    other queries."""
 
     def forward(self, q: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         q = q + self.attn(self.norm1(q), memory, mask)

@@ -40,6 +40,7 @@ class StellarLM:
         self.model = model.to(self.device).eval()
         self.vocab = vocab
         self.meta = meta
+        self.trained_tokens = set(meta.get("trained_tokens", vocab.names))
         typical = meta.get("typical_error", {})
         self._typical_error = np.array([typical.get(t.name, 0.1) for t in vocab.tokens], dtype=np.float64)
 
@@ -106,6 +107,13 @@ class StellarLM:
                 raise BadValueError(f"error column '{name}_err' given without a '{name}' column")
         return values, errors, passthrough, n
 
+    def _check_trained(self, names) -> None:
+        untrained = [n for n in names if n not in self.trained_tokens]
+        if untrained:
+            raise BadValueError(f"this model was not trained on {untrained[:5]}"
+                                + (f" (and {len(untrained) - 5} more)" if len(untrained) > 5 else "")
+                                + "; its answers for them would be meaningless")
+
     def _to_token_unit(self, column: str, token: str, col) -> np.ndarray:
         import astropy.units as u
 
@@ -156,6 +164,7 @@ class StellarLM:
             raise BadValueError("want is empty: name at least one token to predict")
         want_ids = self.vocab.ids(want)
         values, errors, passthrough, n = self._columns(observed)
+        self._check_trained(want + list(values))
         both = [w for w in want if w in values]
         if both:
             raise BadValueError(f"{both} are both given and wanted; drop them from one of the two")
@@ -201,6 +210,7 @@ class StellarLM:
     def embed(self, observed, batch_size: int = 4096) -> np.ndarray:
         """A fixed-length vector per star (mean of the encoded tokens) for similarity search."""
         values, errors, _, n = self._columns(observed)
+        self._check_trained(list(values))
         ids, vn, en, present, _ = self._encode_inputs(values, errors, n)
         out = []
         with torch.inference_mode():

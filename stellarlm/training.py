@@ -6,8 +6,9 @@ put in a random order and split: the first ``n_in`` are inputs, the next (up to
 mixed:
 
 * token subsets (probability ``1 - p_group``): any tokens, ``n_in`` uniform in 1..n_available-1;
-* modality subsets (probability ``p_group``): whole groups (XP, photometry, labels, LAMOST, ...)
-  are given or withheld together, which is how users ask (e.g. XP + G -> labels).
+* modality subsets (probability ``p_group``): a spectrum (all 110 XP coefficients, or all LAMOST-like
+  bins) is given or withheld whole, each scalar token (a label, a magnitude, the parallax) on its
+  own, each with probability 1/2: this is how users ask (e.g. XP + G -> labels).
 
 Targets are ordered by weighted sampling (Efraimidis & Spirakis 2006) with weight 1/group size,
 so the four labels are asked for as often as the 200 LAMOST bins.
@@ -74,14 +75,26 @@ class NormalisedData:
     values: torch.Tensor
     errors: torch.Tensor
     group: torch.Tensor  # (T,) group index of each column
+    block: torch.Tensor  # (T,) what is given or withheld together: a whole spectrum, or one scalar
+    sources: torch.Tensor  # (S, n_blocks) blocks of each source: xp, lamost, labels, photometry
+    g_block: torch.Tensor  # (n_blocks,) the block of the G magnitude
 
     @classmethod
     def from_table(cls, table: TokenTable, vocab: Vocabulary) -> NormalisedData:
         ids = vocab.ids(table.names)
         v, e = vocab.normalise(table.values.astype(np.float64), ids, table.errors.astype(np.float64))
         group = np.array([GROUPS.index(vocab[n].group) for n in table.names])
+        spectra = {"xp_bp": "xp", "xp_rp": "xp", "lamost": "lamost"}
+        block_name = [spectra.get(vocab[n].group, n) for n in table.names]
+        names, block = np.unique(block_name, return_inverse=True)
+        group_of_block = {b: vocab[n].group for n, b in zip(table.names, block_name)}
+        kinds = [("xp",), ("lamost",), ("label",), ("photometry",)]
+        sources = np.array([[b in kind or group_of_block[b] in kind for b in names] for kind in kinds])
+        sources = sources[sources.any(1)]  # a table may lack a source (e.g. no LAMOST-like tokens)
+        g_block = names == "g"
         return cls(torch.as_tensor(ids), torch.as_tensor(v, dtype=torch.float32),
-                   torch.as_tensor(e, dtype=torch.float32), torch.as_tensor(group))
+                   torch.as_tensor(e, dtype=torch.float32), torch.as_tensor(group), torch.as_tensor(block),
+                   torch.as_tensor(sources), torch.as_tensor(g_block))
 
     def __len__(self) -> int:
         return len(self.values)
@@ -98,10 +111,19 @@ def sample_batch(data: NormalisedData, rows: torch.Tensor, gen: torch.Generator,
     weight = 1.0 / group_size[data.group]  # (T,)
     u = torch.rand(b, t, generator=gen).clamp_min(1e-12)
     key = torch.log(u) / weight  # Efraimidis-Spirakis: larger key = earlier
-    # modality subsets: each group given with probability 1/2; tokens of given groups go first
+    # modality subsets, two kinds in equal parts:
+    #  - a random keep rate r ~ U(0, 1) per star, each block given with probability r (so "almost
+    #    nothing" and "almost everything" are as common as "half");
+    #  - one source alone (a spectrum, the labels, or the photometry), plus G half the time: the
+    #    questions users ask most (XP -> labels, labels -> spectrum, LAMOST -> XP).
     use_group = torch.rand(b, generator=gen) < p_group
-    given = torch.rand(b, len(GROUPS), generator=gen) < 0.5
-    token_given = given[:, data.group] & avail
+    n_blocks = int(data.block.max()) + 1
+    keep = torch.rand(b, 1, generator=gen)
+    given = torch.rand(b, n_blocks, generator=gen) < keep
+    source = torch.randint(len(data.sources), (b,), generator=gen)
+    alone = data.sources[source] | (data.g_block[None, :] & (torch.rand(b, 1, generator=gen) < 0.5))
+    given = torch.where((torch.rand(b, 1, generator=gen) < 0.5), given, alone)
+    token_given = given[:, data.block] & avail
     n_given = token_given.sum(1)
     use_group &= (n_given > 0) & (n_given < n_avail)
     key = torch.where(use_group[:, None] & token_given, key + 1e6, key)
@@ -238,8 +260,12 @@ def evaluate(model: StellarTransformer, data: NormalisedData, cfg: TrainConfig, 
     return total / max(count, 1)
 
 
-def train(table: TokenTable, cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
+def train(table: TokenTable, cfg: TrainConfig, resume: bool = False, progress: bool = True,
+          stop_at: int | None = None) -> Path:
     """Train on ``table``'s training split (validation split for the loss each epoch).
+
+    ``stop_at`` halts after that step, as a killed run would (used to test ``resume``); the
+    learning-rate schedule still runs to ``cfg.steps``.
 
     Returns the output directory, which then holds ``model.safetensors`` + ``model.json`` (the
     final model, for :meth:`stellarlm.StellarLM.load`), ``metrics.jsonl`` and ``checkpoint/``.
@@ -264,6 +290,7 @@ def train(table: TokenTable, cfg: TrainConfig, resume: bool = False, progress: b
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
     gen = torch.Generator().manual_seed(cfg.seed)
     extra = {"typical_error": typical_errors(train_data, vocab), "data": table.meta.get("name"),
+             "trained_tokens": list(table.names),
              "train_config": _config_dict(cfg)}
     step = 0
     ckpt = out / CHECKPOINT_DIR
@@ -316,9 +343,9 @@ def train(table: TokenTable, cfg: TrainConfig, resume: bool = False, progress: b
             metrics.flush()
             bar.set_postfix(train=f"{rec['train_loss']:.3f}", val=f"{val:.3f}")
             running = []
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps or out_of_time:
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps or out_of_time or step == stop_at:
             _save_checkpoint(out, model, vocab, opt, gen, step, cfg, extra)
-        if out_of_time:
+        if out_of_time or step == stop_at:
             break
     bar.close()
     metrics.close()

@@ -33,6 +33,7 @@ from .errors import UnknownTokenError, VocabularyMismatchError
 
 N_XP = 55  # Gaia DR3 XP coefficients per band (BP and RP)
 N_LAMOST = 200  # bins of the (synthetic) LAMOST-like spectrum; grid in stellarlm.data.lamost
+SQUASH = 3.0  # model units are linear in the robust z-score up to about this many scales
 GAIA_G_ZEROPOINT = 25.6874  # Gaia EDR3 G zero point (Riello et al. 2021), mag for 1 e-/s
 
 GROUPS = ("xp_bp", "xp_rp", "label", "photometry", "extinction", "astrometry", "lamost")
@@ -162,18 +163,27 @@ class Vocabulary:
 
     # --- normalisation --------------------------------------------------------------------------
     def normalise(self, values: np.ndarray, ids: np.ndarray, errors: np.ndarray | None = None):
-        """Physical -> normalised units for columns ``ids``; returns (values, errors)."""
+        """Physical -> model units for columns ``ids``; returns (values, errors).
+
+        Model units are ``y = SQUASH * asinh(z / SQUASH)`` of the robust z-score
+        ``z = (x - centre) / scale``: linear for |z| below ~SQUASH, logarithmic beyond. Normalised
+        values have heavy tails (hot stars, very red LAMOST-like bins reach |z| ~ 1000), and in a
+        Gaussian likelihood a few such targets would dominate every gradient. Errors go through
+        the derivative, ``dy = dz / sqrt(1 + (z / SQUASH)**2)``.
+        """
         c, s = self.centre[ids], self.scale[ids]
         if not np.all(np.isfinite(s)):
             bad = [self.tokens[i].name for i in np.atleast_1d(ids)[~np.isfinite(np.atleast_1d(s))]]
             raise VocabularyMismatchError(f"no normalisation statistics for tokens {bad[:5]}")
-        v = (values - c) / s
-        return v, (None if errors is None else errors / s)
+        z = (values - c) / s
+        y = SQUASH * np.arcsinh(z / SQUASH)
+        return y, (None if errors is None else errors / s / np.sqrt(1.0 + (z / SQUASH) ** 2))
 
     def denormalise(self, values: np.ndarray, ids: np.ndarray, errors: np.ndarray | None = None):
-        """Normalised -> physical units for columns ``ids``; returns (values, errors)."""
+        """Model units -> physical units for columns ``ids`` (inverse of :meth:`normalise`)."""
         c, s = self.centre[ids], self.scale[ids]
-        return values * s + c, (None if errors is None else errors * s)
+        z = SQUASH * np.sinh(values / SQUASH)
+        return z * s + c, (None if errors is None else errors * s * np.cosh(values / SQUASH))
 
     def with_stats(self, centre: dict[str, float], scale: dict[str, float]) -> Vocabulary:
         """A copy with new normalisation statistics for the named tokens."""

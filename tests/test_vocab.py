@@ -64,3 +64,20 @@ def test_robust_stats_ignore_outliers_and_nan():
     x = np.concatenate([np.random.default_rng(0).normal(10, 2, 5000), [1e6, np.nan]])
     c, s = robust_stats(x[:, None])
     assert abs(c[0] - 10) < 0.1 and abs(s[0] - 2) < 0.1
+
+
+def test_model_units_squash_heavy_tails_and_invert_exactly():
+    v = Vocabulary.default()
+    ids = v.ids(["lamost_150"])
+    x = v["lamost_150"].centre + v["lamost_150"].scale * np.array([[0.5], [3.0], [1000.0]])
+    err = np.full_like(x, 0.01 * v["lamost_150"].scale)
+    y, ey = v.normalise(x, ids, err)
+    assert abs(y[0, 0] - 0.5) < 0.01  # near the centre: the plain z-score
+    assert y[2, 0] < 25  # a 1000-scale outlier stays a moderate number
+    back, eback = v.denormalise(y, ids, ey)
+    np.testing.assert_allclose(back, x, rtol=1e-10)
+    np.testing.assert_allclose(eback, err, rtol=1e-10)
+    # errors follow the derivative of the transform
+    h = 1e-6 * v["lamost_150"].scale
+    dy = (v.normalise(x + h, ids)[0] - v.normalise(x - h, ids)[0]) / (2 * h)
+    np.testing.assert_allclose(ey, err * dy, rtol=1e-5)

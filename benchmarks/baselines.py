@@ -1,0 +1,105 @@
+"""Task-specific baselines that stellarlm is measured against: XGBoost, a plain MLP, k-nearest neighbours.
+
+Each takes physical-unit inputs X (n, k) with NaN for missing, and targets Y (n, m) with errors,
+trains on the training split with early stopping on the validation split, and predicts the test split.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+
+def robust_scatter(residual: np.ndarray) -> float:
+    r = residual[np.isfinite(residual)]
+    return float(1.4826 * np.median(np.abs(r - np.median(r))))
+
+
+def xgboost_predict(x_train, y_train, x_val, y_val, x_test, seed: int = 0) -> tuple[np.ndarray, dict]:
+    """One XGBoost regressor per target column, early stopping on validation RMSE."""
+    import xgboost as xgb
+
+    out = np.full((len(x_test), y_train.shape[1]), np.nan)
+    info = {"best_iterations": [], "seconds": 0.0}
+    t0 = time.time()
+    for j in range(y_train.shape[1]):
+        tr, va = np.isfinite(y_train[:, j]), np.isfinite(y_val[:, j])
+        model = xgb.XGBRegressor(n_estimators=3000, learning_rate=0.05, max_depth=6, subsample=0.8,
+                                 colsample_bytree=0.5, tree_method="hist", early_stopping_rounds=50,
+                                 n_jobs=2, random_state=seed)
+        model.fit(x_train[tr], y_train[tr, j], eval_set=[(x_val[va], y_val[va, j])], verbose=False)
+        out[:, j] = model.predict(x_test)
+        info["best_iterations"].append(int(model.best_iteration))
+    info["seconds"] = round(time.time() - t0, 1)
+    return out, info
+
+
+def mlp_predict(x_train, y_train, e_train, x_val, y_val, e_val, x_test, seed: int = 0, hidden: int = 256,
+                max_epochs: int = 300, patience: int = 15) -> tuple[np.ndarray, np.ndarray, dict]:
+    """A plain MLP (inputs -> mean and log-variance per target), Gaussian NLL with the target's own
+    variance added (as stellarlm's loss), early stopping on validation NLL. Inputs and targets are
+    standardised with training medians/MADs; missing inputs are set to 0 with a missing flag."""
+    torch.manual_seed(seed)
+    xc, xs = np.nanmedian(x_train, 0), 1.4826 * np.nanmedian(np.abs(x_train - np.nanmedian(x_train, 0)), 0) + 1e-12
+    yc, ys = np.nanmedian(y_train, 0), 1.4826 * np.nanmedian(np.abs(y_train - np.nanmedian(y_train, 0)), 0)
+
+    def prep_x(x):
+        z = (x - xc) / xs
+        z = 3.0 * np.arcsinh(z / 3.0)
+        return torch.tensor(np.concatenate([np.nan_to_num(z), np.isnan(z)], 1), dtype=torch.float32)
+
+    def prep_y(y, e):
+        return (torch.tensor((y - yc) / ys, dtype=torch.float32), torch.tensor(e / ys, dtype=torch.float32))
+
+    xt, (yt, et) = prep_x(x_train), prep_y(y_train, e_train)
+    xv, (yv, ev) = prep_x(x_val), prep_y(y_val, e_val)
+    m = y_train.shape[1]
+    net = torch.nn.Sequential(torch.nn.Linear(xt.shape[1], hidden), torch.nn.GELU(), torch.nn.Linear(hidden, hidden),
+                              torch.nn.GELU(), torch.nn.Linear(hidden, 2 * m))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
+
+    def nll(x, y, e):
+        mean, logvar = net(x).split(m, dim=1)
+        ok = torch.isfinite(y)
+        var = logvar.clamp(-14, 6).exp() + torch.nan_to_num(e) ** 2
+        r = torch.where(ok, (torch.nan_to_num(y) - mean) ** 2 / var + torch.log(var), torch.zeros_like(var))
+        return 0.5 * r.sum() / ok.sum()
+
+    best, best_state, bad, t0 = np.inf, None, 0, time.time()
+    gen = torch.Generator().manual_seed(seed)
+    for epoch in range(max_epochs):
+        net.train()
+        for idx in torch.randperm(len(xt), generator=gen).split(256):
+            loss = nll(xt[idx], yt[idx], et[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        net.eval()
+        with torch.no_grad():
+            v = nll(xv, yv, ev).item()
+        if v < best - 1e-4:
+            best, best_state, bad = v, {k: p.clone() for k, p in net.state_dict().items()}, 0
+        else:
+            bad += 1
+            if bad >= patience:
+                break
+    net.load_state_dict(best_state)
+    with torch.no_grad():
+        mean, logvar = net(prep_x(x_test)).split(m, dim=1)
+    return (mean.numpy() * ys + yc, np.exp(0.5 * logvar.clamp(-14, 6).numpy()) * ys,
+            {"epochs": epoch + 1, "best_val_nll": best, "seconds": round(time.time() - t0, 1)})
+
+
+def knn_predict(x_train, y_train, x_test, k: int = 16) -> np.ndarray:
+    """Mean label of the k nearest training stars in standardised input space (missing inputs -> 0)."""
+    xc, xs = np.nanmedian(x_train, 0), 1.4826 * np.nanmedian(np.abs(x_train - np.nanmedian(x_train, 0)), 0) + 1e-12
+    a = torch.tensor(np.nan_to_num((x_train - xc) / xs), dtype=torch.float32)
+    b = torch.tensor(np.nan_to_num((x_test - xc) / xs), dtype=torch.float32)
+    out = np.full((len(x_test), y_train.shape[1]), np.nan)
+    for start in range(0, len(b), 1024):
+        d = torch.cdist(b[start:start + 1024], a)
+        idx = d.topk(k, largest=False).indices.numpy()
+        out[start:start + 1024] = np.nanmean(y_train[idx], axis=1)
+    return out

@@ -1,0 +1,52 @@
+"""The command line: query files in FITS, ECSV and CSV; data info; clear errors."""
+
+import numpy as np
+import pytest
+from astropy.table import Table
+
+from stellarlm.cli import main
+from conftest import XP_G
+
+
+@pytest.mark.parametrize("ext", ["fits", "ecsv", "csv"])
+def test_query_reads_and_writes_each_format(tiny_model, small_embedded, tmp_path, ext):
+    model, model_dir = tiny_model
+    held = small_embedded.subset("val").subset(slice(0, 15))
+    t = Table({n: held.column(n) for n in XP_G})
+    t["source_id"] = held.source_id
+    src, dst = tmp_path / f"in.{ext}", tmp_path / f"out.{ext}"
+    t.write(src)
+    rc = main(["query", "--model", str(model_dir), "--input", str(src), "--want", "teff", "logg",
+               "--output", str(dst), "--keep", "source_id"])
+    assert rc == 0
+    out = Table.read(dst)
+    assert list(out["source_id"]) == list(held.source_id)
+    direct = model.query({n: held.column(n) for n in XP_G}, ["teff", "logg"])
+    np.testing.assert_allclose(np.asarray(out["teff"], float), np.asarray(direct["teff"]), rtol=1e-5)
+    assert np.all(np.asarray(out["logg_err"], float) > 0)
+
+
+def test_query_refuses_unknown_columns_unless_told(tiny_model, tmp_path, capsys):
+    _, model_dir = tiny_model
+    src = tmp_path / "in.ecsv"
+    Table({"g": [12.0], "gmag": [12.1]}).write(src)
+    rc = main(["query", "--model", str(model_dir), "--input", str(src), "--want", "teff", "--output",
+               str(tmp_path / "o.ecsv")])
+    assert rc == 2 and "gmag" in capsys.readouterr().err
+    rc = main(["query", "--model", str(model_dir), "--input", str(src), "--want", "teff", "--output",
+               str(tmp_path / "o.ecsv"), "--ignore-unknown"])
+    assert rc == 0
+
+
+def test_query_reports_an_unreadable_input(tiny_model, tmp_path, capsys):
+    _, model_dir = tiny_model
+    bad = tmp_path / "bad.fits"
+    bad.write_bytes(b"garbage")
+    rc = main(["query", "--model", str(model_dir), "--input", str(bad), "--want", "teff", "--output",
+               str(tmp_path / "o.fits")])
+    assert rc == 2 and "bad.fits" in capsys.readouterr().err
+
+
+def test_data_info_on_a_missing_build(tmp_path, capsys):
+    rc = main(["data", "info", "--cache-dir", str(tmp_path)])
+    assert rc == 2 and "stellarlm data build" in capsys.readouterr().err

@@ -1,0 +1,173 @@
+"""The network, training and the query API, on a tiny model and a small slice of the real data."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from stellarlm import BadValueError, DataFileError, StellarLM, UnknownTokenError, VocabularyMismatchError
+from stellarlm.model import ModelConfig, StellarTransformer
+from stellarlm.training import NormalisedData, TrainConfig, load_model, sample_batch, train
+
+from conftest import TINY, XP_G, _slice
+
+
+def _robust(x):
+    x = x[np.isfinite(x)]
+    return 1.4826 * np.median(np.abs(x - np.median(x)))
+
+
+def _observed(table, names):
+    return {n: table.column(n) for n in names}
+
+
+def test_tiny_model_beats_the_training_median(tiny_model, small_embedded):
+    model, _ = tiny_model
+    train_t = small_embedded.subset("train")
+    held = small_embedded.subset("val")
+    out = model.query(_observed(held, XP_G), ["teff", "logg"])
+    for name in ("teff", "logg"):
+        truth = held.column(name).astype(float)
+        ok = np.isfinite(truth)
+        # robust scatter: a few 15,000 K stars would otherwise decide the comparison
+        model_scatter = _robust(out[name][ok] - truth[ok])
+        baseline_scatter = _robust(np.nanmedian(train_t.column(name)) - truth[ok])
+        assert model_scatter < 0.6 * baseline_scatter, (name, model_scatter, baseline_scatter)
+        assert np.all(out[f"{name}_err"][ok] > 0)
+
+
+def test_answers_do_not_depend_on_input_order_or_other_queries(tiny_model, small_embedded):
+    model, _ = tiny_model
+    held = small_embedded.subset("val").subset(slice(0, 50))
+    obs = _observed(held, XP_G)
+    a = model.query(obs, ["teff", "logg"])
+    shuffled = dict(sorted(obs.items(), key=lambda kv: hash(kv[0]) % 97))
+    assert list(shuffled) != list(obs)
+    b = model.query(shuffled, ["logg", "teff", "m_h"])
+    np.testing.assert_allclose(a["teff"], b["teff"], rtol=1e-5)
+    np.testing.assert_allclose(a["logg_err"], b["logg_err"], rtol=1e-5)
+    # and within a batch, padding does not leak: one star alone gives the same answer
+    c = model.query({k: v[:1] for k, v in obs.items()}, ["teff"])
+    assert c["teff"][0] == pytest.approx(a["teff"][0], rel=1e-5)
+
+
+def test_network_is_permutation_invariant():
+    torch.manual_seed(0)
+    net = StellarTransformer(ModelConfig(n_vocab=50, **TINY)).eval()
+    ids = torch.randint(50, (3, 12))
+    vals, errs = torch.randn(3, 12), torch.rand(3, 12) + 0.1
+    mask = torch.ones(3, 12, dtype=torch.bool)
+    q = torch.tensor([[1, 2, 3]] * 3)
+    perm = torch.randperm(12)
+    m1, v1 = net(ids, vals, errs, mask, q)
+    m2, v2 = net(ids[:, perm], vals[:, perm], errs[:, perm], mask, q)
+    torch.testing.assert_close(m1, m2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(v1, v2, rtol=1e-5, atol=1e-6)
+
+
+def test_missing_tokens_are_never_inputs_or_targets(small_embedded):
+    t = _slice(small_embedded)
+    data = NormalisedData.from_table(t, t.vocab)
+    gen = torch.Generator().manual_seed(3)
+    rows = torch.arange(len(data))[:256]
+    b = sample_batch(data, rows, gen, max_targets=16, p_group=0.5)
+    col = {int(i): j for j, i in enumerate(data.ids)}
+    for r in range(len(rows)):
+        avail = torch.isfinite(data.values[rows[r]])
+        given = [col[int(i)] for i in b["ids"][r][b["mask"][r]]]
+        wanted = [col[int(i)] for i in b["query_ids"][r][b["target_mask"][r]]]
+        assert all(avail[j] for j in given + wanted)
+        assert not set(given) & set(wanted)
+        assert len(given) >= 1
+    # a star missing m_h still trains on its other tokens, never on m_h
+    assert torch.isnan(data.values[:, t.names.index("m_h")]).any()
+
+
+def test_missing_inputs_are_skipped_per_star(tiny_model, small_embedded):
+    model, _ = tiny_model
+    held = small_embedded.subset("val").subset(slice(0, 20))
+    obs = _observed(held, XP_G)
+    obs["g"] = obs["g"].copy()
+    obs["g"][0] = np.nan
+    out = model.query(obs, ["teff"])
+    without_g = model.query({k: v[:1] for k, v in obs.items() if k != "g"}, ["teff"])
+    assert out["teff"][0] == pytest.approx(without_g["teff"][0], rel=1e-5)
+    nothing = model.query({"g": np.array([np.nan, 12.0])}, ["teff"])
+    assert np.isnan(nothing["teff"][0]) and np.isfinite(nothing["teff"][1])
+
+
+def test_checkpoint_round_trip(tiny_model, small_embedded):
+    model, out = tiny_model
+    again = StellarLM.load(out)
+    held = small_embedded.subset("val").subset(slice(0, 10))
+    a = model.query(_observed(held, XP_G), ["teff"])
+    b = again.query(_observed(held, XP_G), ["teff"])
+    np.testing.assert_array_equal(a["teff"], b["teff"])
+    assert again.vocab == model.vocab
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["step"] == 400 and meta["vocabulary"]["tokens"][110]["name"] == "teff"
+
+
+def test_resumed_run_ends_with_the_same_weights(small_embedded, tmp_path):
+    t = _slice(small_embedded).subset(slice(0, 600))
+    def cfg(out):
+        return TrainConfig(out_dir=str(out), steps=12, batch_size=16, warmup_steps=3, checkpoint_every=4,
+                           eval_every=6, model=ModelConfig(**TINY), seed=7)
+    train(t, cfg(tmp_path / "straight"), progress=False)
+    train(t, cfg(tmp_path / "killed"), progress=False, stop_at=6)  # dies after step 6 (checkpoint there)
+    train(t, cfg(tmp_path / "killed"), progress=False, resume=True)
+    a, _, _ = load_model(tmp_path / "straight")
+    b, _, _ = load_model(tmp_path / "killed")
+    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0, msg=name)
+    # a damaged training state is refused with a clear message
+    (tmp_path / "killed" / "checkpoint" / "train_state.pt").write_bytes(b"garbage")
+    with pytest.raises(DataFileError, match="train_state.pt"):
+        train(t, cfg(tmp_path / "killed"), progress=False, resume=True)
+
+
+def test_bad_queries_raise_clear_errors(tiny_model, tmp_path):
+    model, out = tiny_model
+    with pytest.raises(UnknownTokenError, match="did you mean 'teff'"):
+        model.query({"g": [12.0]}, ["tef"])
+    with pytest.raises(UnknownTokenError, match="gmag"):
+        model.query({"gmag": [12.0]}, ["teff"])
+    with pytest.raises(BadValueError, match="infinite"):
+        model.query({"g": [np.inf]}, ["teff"])
+    with pytest.raises(BadValueError, match="shape"):
+        model.query({"g": np.ones((2, 3))}, ["teff"])
+    with pytest.raises(BadValueError, match="both given and wanted"):
+        model.query({"g": [12.0], "teff": [5000.0]}, ["teff"])
+    with pytest.raises(BadValueError, match="empty"):
+        model.query({"g": []}, ["teff"])
+    with pytest.raises(BadValueError, match="empty"):
+        model.query({"g": [12.0]}, [])
+    with pytest.raises(BadValueError, match="not trained on"):
+        model.query({"g": [12.0]}, ["lamost_3"])  # the tiny model never saw LAMOST-like tokens
+    with pytest.raises(BadValueError, match="negative"):
+        model.query({"g": [12.0], "g_err": [-0.1]}, ["teff"])
+    import astropy.units as u
+    from astropy.table import Table
+    with pytest.raises(BadValueError, match="unit"):
+        model.query(Table({"g": [12.0] * u.K}), ["teff"])
+    ok = model.query(Table({"teff": [5.0] * u.kK, "logg": [2.5] * u.dex}), ["g"])  # kK -> K converts
+    assert np.isfinite(ok["g"][0])
+
+
+def test_checkpoint_problems_are_reported(tiny_model, tmp_path):
+    import shutil
+    from dataclasses import replace
+    from stellarlm import Vocabulary
+    _, out = tiny_model
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    v = Vocabulary.default()
+    swapped = Vocabulary(replace(t, name={"teff": "logg", "logg": "teff"}.get(t.name, t.name)) for t in v.tokens)
+    with pytest.raises(VocabularyMismatchError, match="differs"):
+        StellarLM.load(copy, vocab=swapped)
+    (copy / "model.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(DataFileError, match="model.safetensors"):
+        StellarLM.load(copy)
+    with pytest.raises(DataFileError, match="missing"):
+        StellarLM.load(tmp_path / "nowhere")
