@@ -24,14 +24,17 @@ def xgboost_predict(x_train, y_train, x_val, y_val, x_test, seed: int = 0) -> tu
     out = np.full((len(x_test), y_train.shape[1]), np.nan)
     info = {"best_iterations": [], "seconds": 0.0}
     t0 = time.time()
+    params = {"eta": 0.05, "max_depth": 6, "subsample": 0.8, "colsample_bytree": 0.5, "tree_method": "hist",
+              "nthread": 2, "seed": seed, "objective": "reg:squarederror"}
     for j in range(y_train.shape[1]):
         tr, va = np.isfinite(y_train[:, j]), np.isfinite(y_val[:, j])
-        model = xgb.XGBRegressor(n_estimators=3000, learning_rate=0.05, max_depth=6, subsample=0.8,
-                                 colsample_bytree=0.5, tree_method="hist", early_stopping_rounds=50,
-                                 n_jobs=2, random_state=seed)
-        model.fit(x_train[tr], y_train[tr, j], eval_set=[(x_val[va], y_val[va, j])], verbose=False)
-        out[:, j] = model.predict(x_test)
-        info["best_iterations"].append(int(model.best_iteration))
+        dtrain = xgb.DMatrix(x_train[tr], label=y_train[tr, j], missing=np.nan)
+        dval = xgb.DMatrix(x_val[va], label=y_val[va, j], missing=np.nan)
+        booster = xgb.train(params, dtrain, num_boost_round=3000, evals=[(dval, "val")],
+                            early_stopping_rounds=50, verbose_eval=False)
+        out[:, j] = booster.predict(xgb.DMatrix(x_test, missing=np.nan),
+                                    iteration_range=(0, booster.best_iteration + 1))
+        info["best_iterations"].append(int(booster.best_iteration))
     info["seconds"] = round(time.time() - t0, 1)
     return out, info
 
