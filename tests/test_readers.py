@@ -11,7 +11,8 @@ from astropy.table import Table
 
 from stellarlm import BadValueError, DataFileError, TokenTable
 from stellarlm.data import gaia_xp
-from stellarlm.data.apogee import read_allstar, split_with_fallback
+from stellarlm.data.apogee import read_allstar
+from stellarlm.data.table import split_with_fallback
 from stellarlm.data.gaia_xp import download_xp_continuous, read_xp_continuous
 from stellarlm.data.lamost import (lamost_bin_centres, lamost_bin_edges, read_lamost_lrs,
                                    resample_to_lamost_grid)

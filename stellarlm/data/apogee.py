@@ -23,14 +23,13 @@ Example
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import DataFileError
 from ..vocab import Vocabulary
-from .table import TokenTable, split_of
+from .table import TokenTable
 
 STAR_BAD_BIT = 23  # ASPCAPFLAG bit: the star's ASPCAP fit is unreliable (DR17 bitmask docs)
 SENTINEL_BELOW = -9000.0  # APOGEE writes -9999 (and -9999.99) for "no value"
@@ -45,24 +44,6 @@ PHOT_COLUMNS = {"g": ("GAIAEDR3_PHOT_G_MEAN_MAG", None), "bp": ("GAIAEDR3_PHOT_B
                 "rp": ("GAIAEDR3_PHOT_RP_MEAN_MAG", None), "j": ("J", "J_ERR"), "h": ("H", "H_ERR"),
                 "k": ("K", "K_ERR")}
 REQUIRED_COLUMNS = ("APOGEE_ID", "ASPCAPFLAG") + tuple(c for pair in LABEL_COLUMNS.values() for c in pair)
-
-
-def split_with_fallback(source_id: np.ndarray, star_id: np.ndarray) -> np.ndarray:
-    """Train/val/test split from the Gaia source id, or, for stars without one (``-1``), from a hash
-    of their survey designation.
-
-    :func:`~stellarlm.data.table.split_of` of ``-1`` would put every star without a Gaia id into
-    the same split; hashing the designation spreads them 80/10/10 and still gives a star the same
-    split on every machine and in every file it appears in.
-    """
-    sid = np.asarray(source_id, dtype=np.int64)
-    split = split_of(sid)
-    unknown = np.nonzero(sid < 0)[0]
-    if unknown.size:
-        h = np.array([int.from_bytes(hashlib.blake2b(str(star_id[i]).encode("utf-8"), digest_size=8).digest(),
-                                     "little") >> 1 for i in unknown], dtype=np.int64)
-        split[unknown] = split_of(h)
-    return split
 
 
 def _is_sentinel(v: np.ndarray) -> np.ndarray:
@@ -209,5 +190,4 @@ def read_allstar(path: str | Path, hdu: int | str = 1, *, vocab: Vocabulary | No
         "blanked": blanked,
     }
     return TokenTable.from_columns(vocab, {k: values[k] for k in order}, {k: errors[k] for k in order},
-                                   source_id=source_id, star_id=apogee_id,
-                                   split=split_with_fallback(source_id, apogee_id), meta=meta)
+                                   source_id=source_id, star_id=apogee_id, meta=meta)

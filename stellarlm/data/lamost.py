@@ -231,8 +231,7 @@ def read_lamost_lrs(paths: str | Path | Sequence[str | Path], *, on_error: Liter
     >>> t.column("lamost_100")
     """
     from ..vocab import Vocabulary
-    from .apogee import split_with_fallback
-    from .table import TokenTable
+    from .table import TokenTable, split_with_fallback
 
     if on_error not in ("raise", "skip"):
         raise BadValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
