@@ -11,10 +11,7 @@ import time
 import numpy as np
 import torch
 
-
-def robust_scatter(residual: np.ndarray) -> float:
-    r = residual[np.isfinite(residual)]
-    return float(1.4826 * np.median(np.abs(r - np.median(r))))
+from stellarlm.vocab import robust_stats
 
 
 def xgboost_predict(x_train, y_train, x_val, y_val, x_test, seed: int = 0) -> tuple[np.ndarray, dict]:
@@ -45,8 +42,8 @@ def mlp_predict(x_train, y_train, e_train, x_val, y_val, e_val, x_test, seed: in
     variance added (as stellarlm's loss), early stopping on validation NLL. Inputs and targets are
     standardised with training medians/MADs; missing inputs are set to 0 with a missing flag."""
     torch.manual_seed(seed)
-    xc, xs = np.nanmedian(x_train, 0), 1.4826 * np.nanmedian(np.abs(x_train - np.nanmedian(x_train, 0)), 0) + 1e-12
-    yc, ys = np.nanmedian(y_train, 0), 1.4826 * np.nanmedian(np.abs(y_train - np.nanmedian(y_train, 0)), 0)
+    xc, xs = robust_stats(x_train)
+    yc, ys = robust_stats(y_train)
 
     def prep_x(x):
         z = (x - xc) / xs
@@ -97,7 +94,7 @@ def mlp_predict(x_train, y_train, e_train, x_val, y_val, e_val, x_test, seed: in
 
 def knn_predict(x_train, y_train, x_test, k: int = 16) -> np.ndarray:
     """Mean label of the k nearest training stars in standardised input space (missing inputs -> 0)."""
-    xc, xs = np.nanmedian(x_train, 0), 1.4826 * np.nanmedian(np.abs(x_train - np.nanmedian(x_train, 0)), 0) + 1e-12
+    xc, xs = robust_stats(x_train)
     a = torch.tensor(np.nan_to_num((x_train - xc) / xs), dtype=torch.float32)
     b = torch.tensor(np.nan_to_num((x_test - xc) / xs), dtype=torch.float32)
     out = np.full((len(x_test), y_train.shape[1]), np.nan)

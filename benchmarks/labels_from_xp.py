@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from baselines import mlp_predict, robust_scatter, xgboost_predict  # noqa: E402
+from baselines import mlp_predict, xgboost_predict  # noqa: E402
 
 from stellarlm import StellarLM, load_embedded  # noqa: E402
+from stellarlm.vocab import robust_scatter  # noqa: E402
 
 LABELS = ["teff", "logg", "m_h"]
 INPUTS = [f"bp_{i}" for i in range(55)] + [f"rp_{i}" for i in range(55)] + ["g"]
@@ -36,7 +37,7 @@ def metrics(pred, truth, sigma=None, truth_err=None) -> dict:
     if sigma is not None:
         z = r / np.sqrt(sigma[ok] ** 2 + truth_err[ok] ** 2)
         out["z_std"] = float(np.std(z))
-        out["z_robust_std"] = float(1.4826 * np.median(np.abs(z - np.median(z))))
+        out["z_robust_std"] = robust_scatter(z)
     return out
 
 

@@ -78,15 +78,14 @@ def _train(args) -> int:
 def _query(args) -> int:
     from astropy.table import Table
 
-    from .query import StellarLM
+    from .query import StellarLM, _token_of
 
     try:
         observed = Table.read(args.input, format=args.format) if args.format else Table.read(args.input)
     except Exception as exc:
         raise DataFileError(args.input, f"cannot read input table ({exc})") from exc
     model = StellarLM.load(args.model)
-    keep = [c for c in observed.colnames if c in model.vocab or (c.endswith("_err") and c[:-4] in model.vocab)
-            or c in args.keep]
+    keep = [c for c in observed.colnames if _token_of(c) in model.vocab or c in args.keep]
     dropped = [c for c in observed.colnames if c not in keep]
     if dropped and not args.ignore_unknown:
         raise StellarLMError(f"{args.input}: columns {dropped[:8]} are not token names; pass --ignore-unknown "
@@ -104,6 +103,7 @@ def _demo(args) -> int:
 
     from .data.embedded import load_embedded
     from .query import StellarLM
+    from .vocab import robust_scatter
 
     table = load_embedded(args.cache_dir)
     test = table.subset("test")
@@ -129,7 +129,7 @@ def _demo(args) -> int:
         ok = np.isfinite(truth)
         r = np.asarray(out[n])[ok] - truth[ok]
         z = r / np.sqrt(np.asarray(out[f"{n}_err"])[ok] ** 2 + test.error(n)[ok].astype(float) ** 2)
-        parts.append(f"{n}: scatter {1.4826 * np.median(np.abs(r - np.median(r))):.3g}, z std {np.std(z):.2f}")
+        parts.append(f"{n}: scatter {robust_scatter(r):.3g}, z std {np.std(z):.2f}")
     print("whole test split (robust scatter = 1.4826 MAD vs APOGEE): " + "; ".join(parts))
     return 0
 

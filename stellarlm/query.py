@@ -32,6 +32,11 @@ from .vocab import GAIA_G_ZEROPOINT, N_XP, Vocabulary
 PASSTHROUGH = ("source_id", "star_id", "apogee_id", "designation", "split")
 
 
+def _token_of(column: str) -> str:
+    """The token a column belongs to: ``teff`` for both ``teff`` and ``teff_err``."""
+    return column[:-4] if column.endswith("_err") else column
+
+
 class StellarLM:
     """A trained stellarlm model with its vocabulary, behind a query API."""
 
@@ -61,24 +66,20 @@ class StellarLM:
         from astropy.table import Table
 
         if isinstance(observed, Table):
-            cols = {}
-            for name in observed.colnames:
-                col = observed[name]
-                base = name[:-4] if name.endswith("_err") else name
-                if getattr(col, "unit", None) is not None and base in self.vocab:
-                    cols[name] = self._to_token_unit(name, base, col)
-                else:
-                    cols[name] = np.asarray(col)
+            raw = {name: observed[name] for name in observed.colnames}
         elif hasattr(observed, "to_dict") and hasattr(observed, "columns"):  # pandas DataFrame
-            cols = {str(c): observed[c].to_numpy() for c in observed.columns}
+            raw = {str(c): observed[c].to_numpy() for c in observed.columns}
         elif isinstance(observed, Mapping):
-            cols = {str(k): np.atleast_1d(np.asarray(v.value if hasattr(v, "unit") else v)) for k, v in observed.items()}
-            for k, v in observed.items():
-                base = k[:-4] if k.endswith("_err") else k
-                if hasattr(v, "unit") and base in self.vocab:
-                    cols[k] = self._to_token_unit(k, base, v)
+            raw = {str(k): v for k, v in observed.items()}
         else:
             raise TypeError(f"observed must be an astropy Table, a pandas DataFrame or a dict, not {type(observed)}")
+        cols = {}
+        for name, col in raw.items():
+            token = _token_of(name)
+            if getattr(col, "unit", None) is not None and token in self.vocab:
+                cols[name] = self._to_token_unit(name, token, col)
+            else:
+                cols[name] = np.atleast_1d(np.asarray(getattr(col, "value", col)))
         if not cols:
             raise BadValueError("empty input: no columns given")
         lengths = {k: len(v) for k, v in cols.items()}
@@ -94,7 +95,7 @@ class StellarLM:
                 continue
             if col.ndim != 1:
                 raise BadValueError(f"column {name!r} has shape {col.shape}; expected one value per star")
-            base = name[:-4] if name.endswith("_err") else name
+            base = _token_of(name)
             if base not in self.vocab:
                 raise UnknownTokenError(name, self.vocab.names + [f"{x}_err" for x in self.vocab.names])
             try:

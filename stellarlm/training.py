@@ -241,6 +241,20 @@ def _config_dict(cfg: TrainConfig) -> dict:
 
 
 # --- the loop ----------------------------------------------------------------------------------
+def _draw(data: NormalisedData, n: int, gen: torch.Generator, cfg: TrainConfig, device: torch.device) -> dict:
+    """``n`` random stars (with replacement) with random input/target subsets, on ``device``."""
+    rows = torch.randint(len(data), (n,), generator=gen)
+    batch = sample_batch(data, rows, gen, cfg.max_targets, cfg.p_group, cfg.max_inputs)
+    return {k: x.to(device) for k, x in batch.items()}
+
+
+def batch_loss(model: StellarTransformer, batch: dict, use_amp: bool = False) -> torch.Tensor:
+    """Gaussian NLL of a batch from :func:`sample_batch` (forward pass in bf16 when ``use_amp``)."""
+    with torch.autocast(batch["values"].device.type, dtype=torch.bfloat16, enabled=use_amp):
+        mean, logvar = model(batch["ids"], batch["values"], batch["errors"], batch["mask"], batch["query_ids"])
+    return gaussian_nll(mean.float(), logvar.float(), batch["target"], batch["target_err"], batch["target_mask"])
+
+
 @torch.no_grad()
 def evaluate(model: StellarTransformer, data: NormalisedData, cfg: TrainConfig, device: torch.device,
              n_batches: int = 8, seed: int = 1234) -> float:
@@ -249,12 +263,9 @@ def evaluate(model: StellarTransformer, data: NormalisedData, cfg: TrainConfig, 
     gen = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
     for _ in range(n_batches):
-        rows = torch.randint(len(data), (min(cfg.batch_size, len(data)),), generator=gen)
-        batch = {k: x.to(device) for k, x in sample_batch(data, rows, gen, cfg.max_targets, cfg.p_group, cfg.max_inputs).items()}
-        mean, logvar = model(batch["ids"], batch["values"], batch["errors"], batch["mask"], batch["query_ids"])
+        batch = _draw(data, min(cfg.batch_size, len(data)), gen, cfg, device)
         n = batch["target_mask"].sum().item()
-        total += gaussian_nll(mean.float(), logvar.float(), batch["target"], batch["target_err"],
-                              batch["target_mask"]).item() * n
+        total += batch_loss(model, batch).item() * n
         count += n
     model.train()
     return total / max(count, 1)
@@ -284,8 +295,11 @@ def train(table: TokenTable, cfg: TrainConfig, resume: bool = False, progress: b
     torch.manual_seed(cfg.seed)
     cfg.model.n_vocab = len(vocab)
     model = StellarTransformer(cfg.model).to(device)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n and "query" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n and "query" not in n)]
+    # weight decay on matrices only: not on biases, norms, or the name embeddings (a rare token's
+    # embedding would otherwise decay towards zero between the steps that use it)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim >= 2 and "embed" not in name and "query" not in name else no_decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -321,12 +335,7 @@ def train(table: TokenTable, cfg: TrainConfig, resume: bool = False, progress: b
     while step < cfg.steps:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        rows = torch.randint(len(train_data), (cfg.batch_size,), generator=gen)
-        batch = {k: x.to(device) for k, x in
-                 sample_batch(train_data, rows, gen, cfg.max_targets, cfg.p_group, cfg.max_inputs).items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            mean, logvar = model(batch["ids"], batch["values"], batch["errors"], batch["mask"], batch["query_ids"])
-        loss = gaussian_nll(mean.float(), logvar.float(), batch["target"], batch["target_err"], batch["target_mask"])
+        loss = batch_loss(model, _draw(train_data, cfg.batch_size, gen, cfg, device), use_amp)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -240,6 +240,13 @@ def default_vocab_path() -> Path:
     return Path(str(resources.files("stellarlm.vocab_files").joinpath("tokens.json")))
 
 
+def robust_scatter(x: np.ndarray) -> float:
+    """1.4826 * median absolute deviation of the finite entries of ``x`` (a Gaussian's sigma)."""
+    x = np.asarray(x, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    return float(1.4826 * np.median(np.abs(x - np.median(x))))
+
+
 def robust_stats(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-column median and 1.4826 * median absolute deviation, ignoring NaN.
 

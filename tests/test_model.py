@@ -8,14 +8,10 @@ import torch
 
 from stellarlm import BadValueError, DataFileError, StellarLM, UnknownTokenError, VocabularyMismatchError
 from stellarlm.model import ModelConfig, StellarTransformer
+from stellarlm.vocab import robust_scatter
 from stellarlm.training import NormalisedData, TrainConfig, load_model, sample_batch, train
 
 from conftest import TINY, XP_G, _slice
-
-
-def _robust(x):
-    x = x[np.isfinite(x)]
-    return 1.4826 * np.median(np.abs(x - np.median(x)))
 
 
 def _observed(table, names):
@@ -31,8 +27,8 @@ def test_tiny_model_beats_the_training_median(tiny_model, small_embedded):
         truth = held.column(name).astype(float)
         ok = np.isfinite(truth)
         # robust scatter: a few 15,000 K stars would otherwise decide the comparison
-        model_scatter = _robust(out[name][ok] - truth[ok])
-        baseline_scatter = _robust(np.nanmedian(train_t.column(name)) - truth[ok])
+        model_scatter = robust_scatter(out[name][ok] - truth[ok])
+        baseline_scatter = robust_scatter(np.nanmedian(train_t.column(name)) - truth[ok])
         assert model_scatter < 0.6 * baseline_scatter, (name, model_scatter, baseline_scatter)
         assert np.all(out[f"{name}_err"][ok] > 0)
 
