@@ -37,6 +37,14 @@ def _token_of(column: str) -> str:
     return column[:-4] if column.endswith("_err") else column
 
 
+def _unmasked(values) -> np.ndarray:
+    """A plain array; masked entries (empty cells of a CSV or FITS table) become NaN, i.e. missing,
+    rather than whatever fill value sits under the mask."""
+    if np.ma.isMaskedArray(values) and np.asarray(values).dtype.kind in "fiub":
+        return np.atleast_1d(values.astype(np.float64).filled(np.nan))
+    return np.atleast_1d(np.asarray(values))
+
+
 class StellarLM:
     """A trained stellarlm model with its vocabulary, behind a query API."""
 
@@ -79,7 +87,7 @@ class StellarLM:
             if getattr(col, "unit", None) is not None and token in self.vocab:
                 cols[name] = self._to_token_unit(name, token, col)
             else:
-                cols[name] = np.atleast_1d(np.asarray(getattr(col, "value", col)))
+                cols[name] = _unmasked(getattr(col, "value", col))
         if not cols:
             raise BadValueError("empty input: no columns given")
         lengths = {k: len(v) for k, v in cols.items()}
@@ -122,7 +130,7 @@ class StellarLM:
         target = u.Unit(unit) if unit else u.dimensionless_unscaled
         try:
             q = col.quantity if hasattr(col, "quantity") else u.Quantity(col)
-            return np.asarray(q.to_value(target), dtype=np.float64)
+            return _unmasked(q.to_value(target))
         except u.UnitConversionError:
             raise BadValueError(f"column {column!r} has unit {col.unit}, which cannot be converted to "
                                 f"{target} (token {token!r})") from None

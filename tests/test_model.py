@@ -167,3 +167,20 @@ def test_checkpoint_problems_are_reported(tiny_model, tmp_path):
         StellarLM.load(copy)
     with pytest.raises(DataFileError, match="missing"):
         StellarLM.load(tmp_path / "nowhere")
+
+
+def test_masked_cells_are_missing_not_fill_values(tiny_model, small_embedded, tmp_path):
+    from astropy.table import MaskedColumn, Table
+    model, _ = tiny_model
+    held = small_embedded.subset("val").subset(slice(0, 3))
+    t = Table({n: held.column(n).astype(float) for n in XP_G})
+    t["g"] = MaskedColumn(t["g"], mask=[True, False, False])
+    out = model.query(t, ["teff"])
+    without_g = model.query({n: held.column(n)[:1] for n in XP_G if n != "g"}, ["teff"])
+    assert out["teff"][0] == pytest.approx(without_g["teff"][0], rel=1e-5)
+    # the same through a CSV file with an empty cell
+    path = tmp_path / "stars.csv"
+    t.write(path)
+    back = Table.read(path)
+    assert back["g"].mask[0]
+    assert model.query(back, ["teff"])["teff"][0] == pytest.approx(without_g["teff"][0], rel=1e-5)
