@@ -134,6 +134,20 @@ def _demo(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from .bench import BenchConfig, run_benchmark, to_markdown
+
+    cfg = BenchConfig(model=args.model, out_dir=args.out, cache_dir=args.cache_dir, quick=args.quick,
+                      methods=tuple(args.methods), input_sets=tuple(args.inputs))
+    try:
+        result = run_benchmark(cfg, log=lambda msg: print(msg, file=sys.stderr))
+    except (ImportError, ValueError) as exc:
+        raise StellarLMError(str(exc)) from exc
+    print(to_markdown(result))
+    print(f"wrote {args.out}/bench.json, bench.md and {len(result['plots'])} plots")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stellarlm", description="A foundation model for stars.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -164,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--without", nargs="*", default=[], help="token groups to leave out (e.g. lamost)")
     for cls in (TrainConfig, ModelConfig):
         for name, default in vars(cls()).items():
-            if name in ("out_dir", "model", "n_vocab"):
+            if name in ("out_dir", "model", "n_vocab", "patch_of"):
                 continue
             typ = type(default) if default is not None else (float if name == "max_minutes" else int)
             tr.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None,
@@ -187,6 +201,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-n", type=int, default=10, help="stars to print")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+
+    from .bench import INPUT_SETS, METHODS
+
+    bench = sub.add_parser("bench", help="accuracy, calibration and speed vs XGBoost, an MLP and kNN (test split)")
+    bench.add_argument("--model", default=str(DEFAULT_MODEL), help="model directory")
+    bench.add_argument("--out", default="benchmarks/results", help="directory for bench.json, bench.md, plots")
+    bench.add_argument("--cache-dir", help="data cache directory")
+    bench.add_argument("--quick", action="store_true", help="a tiny version that runs in seconds (smoke test)")
+    bench.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    bench.add_argument("--inputs", nargs="+", default=list(INPUT_SETS), choices=list(INPUT_SETS),
+                       help="input sets: " + "; ".join(f"{k} = {v[0]}" for k, v in INPUT_SETS.items()))
+    bench.set_defaults(func=_bench)
     return parser
 
 

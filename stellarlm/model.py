@@ -9,6 +9,13 @@ cross-attends to the encoded star; queries do not attend to each other, so the a
 ``teff`` is the same whichever other names are asked alongside it, and any number of names are
 decoded in one batched pass. The head gives a mean and a log-variance per requested name.
 
+Spectra are long (110 XP coefficients, 200 LAMOST-like bins) and attention cost grows with the
+number of tokens, so neighbouring tokens of a spectrum may share a *patch* (``patch_of``): the
+embeddings of a patch's observed tokens are summed into one encoder token. Each summand still
+carries its own name, a missing token simply adds nothing, and a sum does not depend on order, so
+the input remains a set of named tokens; the encoder sees ~25 patches instead of ~120 tokens for
+an XP spectrum, which is what makes training on two CPU cores practical.
+
 After Leung & Bovy 2023 (arXiv:2308.10944). Configuration is a dataclass; the default is sized to
 train on two CPU cores and grows by configuration alone.
 """
@@ -34,29 +41,43 @@ class ModelConfig:
     dropout: float = 0.0
     logvar_min: float = -14.0  # normalised units: sigma >= ~1e-3 of a token's scale
     logvar_max: float = 6.0
+    # patch id of each token id (see Vocabulary.patches), or None: every token attends on its own
+    patch_of: list[int] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 class TokenEmbedding(nn.Module):
-    """``f(w_i * v + u_i * s) + b_i`` for token id i, value v and error s (both normalised)."""
+    """``f(w_i * v + u_i * s) + b_i`` for token id i, value v and error s (both normalised), with
+    ``f = Linear(GELU(.))``. ``forward(..., patch, n_patches)`` returns the sum over each patch's
+    tokens: the Linear is applied once to the summed GELU features (the same up to its bias, which
+    is counted once per patch instead of once per token), which is what makes long spectra cheap."""
 
     def __init__(self, n_vocab: int, d: int):
         super().__init__()
         self.weight = nn.Embedding(n_vocab, d)  # w_i: how the value enters
         self.error_weight = nn.Embedding(n_vocab, d)  # u_i: how its uncertainty enters
         self.bias = nn.Embedding(n_vocab, d)  # b_i: the name's identity
-        self.f = nn.Sequential(nn.GELU(), nn.Linear(d, d))
+        self.out = nn.Linear(d, d)
         nn.init.normal_(self.weight.weight, std=1.0)
         nn.init.normal_(self.error_weight.weight, std=0.1)
         nn.init.normal_(self.bias.weight, std=0.5)
 
-    def forward(self, ids: torch.Tensor, values: torch.Tensor, errors: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, values: torch.Tensor, errors: torch.Tensor, mask: torch.Tensor,
+                patch: torch.Tensor, n_patches: int) -> torch.Tensor:
+        """(B, N) tokens -> (B, n_patches, d): the summed embeddings of each patch's tokens where
+        ``mask`` is True (a patch with no token is all zeros)."""
         # values arrive in model units (Vocabulary.normalise: heavy tails already squashed);
         # errors span decades (bp_50 vs teff): a log keeps them on one scale
         s = torch.log(errors.clamp_min(1e-4)).unsqueeze(-1) / 4.0
-        return self.f(self.weight(ids) * values.unsqueeze(-1) + self.error_weight(ids) * s) + self.bias(ids)
+        h = F.gelu(self.weight(ids) * values.unsqueeze(-1) + self.error_weight(ids) * s)
+        keep = mask.unsqueeze(-1).to(h.dtype)
+        b, _, d = h.shape
+        index = patch.unsqueeze(-1).expand(-1, -1, d)
+        summed_h = h.new_zeros(b, n_patches, d).scatter_add_(1, index, h * keep)
+        summed_b = h.new_zeros(b, n_patches, d).scatter_add_(1, index, self.bias(ids) * keep)
+        return self.out(summed_h) + summed_b
 
 
 class Attention(nn.Module):
@@ -117,15 +138,31 @@ class StellarTransformer(nn.Module):
         self.decoder = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.n_decoder_layers))
         self.head = nn.Sequential(nn.LayerNorm(cfg.d_model), nn.Linear(cfg.d_model, 2))
         nn.init.normal_(self.query.weight, std=0.5)
+        patch_of = torch.arange(cfg.n_vocab) if cfg.patch_of is None else torch.as_tensor(cfg.patch_of)
+        if patch_of.shape != (cfg.n_vocab,):
+            raise ValueError(f"patch_of has {len(patch_of)} entries for {cfg.n_vocab} tokens")
+        self.register_buffer("patch_of", patch_of, persistent=False)
+        self.n_patches = int(patch_of.max()) + 1
 
     def encode(self, ids: torch.Tensor, values: torch.Tensor, errors: torch.Tensor,
-               mask: torch.Tensor) -> torch.Tensor:
-        """(B, N) observed tokens -> (B, N, d) context. ``mask`` is True for real (non-padding) tokens;
-        padded slots may hold any id/value: they are masked out of attention."""
-        x = self.embed(ids, values * mask, errors.masked_fill(~mask, 1.0))
+               mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, N) observed tokens -> context (B, P, d) and its mask (B, P), P <= N patches.
+
+        ``mask`` is True for real (non-padding) tokens; padded slots may hold any id/value: they
+        are masked out."""
+        b = ids.shape[0]
+        patch = self.patch_of[ids].masked_fill(~mask, self.n_patches)  # padding goes to a spare slot
+        x = self.embed(ids, values * mask, errors.masked_fill(~mask, 1.0), mask, patch, self.n_patches + 1)
+        present = torch.zeros(b, self.n_patches + 1, dtype=torch.bool, device=ids.device).scatter_(1, patch, True)
+        present[:, -1] = False
+        # keep the patches that have a token, packed to the left (their order is irrelevant)
+        width = max(int(present.sum(1).max()), 1)
+        order = torch.argsort((~present).to(torch.int8), dim=1, stable=True)[:, :width]
+        x = torch.gather(x, 1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        mask = torch.gather(present, 1, order)
         for block in self.encoder:
             x = block(x, mask)
-        return self.encoder_norm(x)
+        return self.encoder_norm(x), mask
 
     def decode(self, memory: torch.Tensor, mask: torch.Tensor, query_ids: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,16 +174,24 @@ class StellarTransformer(nn.Module):
         return mean, logvar.clamp(self.cfg.logvar_min, self.cfg.logvar_max)
 
     def forward(self, ids, values, errors, mask, query_ids):
-        return self.decode(self.encode(ids, values, errors, mask), mask, query_ids)
+        return self.decode(*self.encode(ids, values, errors, mask), query_ids)
 
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
 
 def gaussian_nll(mean: torch.Tensor, logvar: torch.Tensor, target: torch.Tensor, target_err: torch.Tensor,
-                 mask: torch.Tensor) -> torch.Tensor:
+                 mask: torch.Tensor, beta: float = 0.0) -> torch.Tensor:
     """Mean Gaussian negative log-likelihood over ``mask``, with the target's own measurement
-    variance added to the predicted one: the model learns the intrinsic scatter only."""
+    variance added to the predicted one: the model learns the intrinsic scatter only.
+
+    ``beta`` > 0 weights each term by its (total) variance to the power ``beta``, held constant
+    (the beta-NLL of Seitzer et al. 2022): the best variance is unchanged, but a very precise token
+    (a bright star's XP coefficient, sigma ~ 1e-3 of its scale) no longer outweighs a label's
+    gradient by a factor 1/sigma^2, which with gradient clipping slows everything else down.
+    """
     var = logvar.exp() + target_err.square()
     nll = 0.5 * (torch.log(var) + (target - mean).square() / var)
+    if beta:
+        nll = nll * var.detach() ** beta
     return (nll * mask).sum() / mask.sum().clamp_min(1)

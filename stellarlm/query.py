@@ -211,9 +211,10 @@ class StellarLM:
         err = np.where(mask, np.take_along_axis(en, order, 1), 1.0)
         mask[counts == 0, 0] = True  # a star with nothing observed: attend to a dummy, answer blanked later
         dev = self.device
-        memory = self.model.encode(torch.as_tensor(tok, device=dev), torch.as_tensor(val, dtype=torch.float32, device=dev),
-                                   torch.as_tensor(err, dtype=torch.float32, device=dev), torch.as_tensor(mask, device=dev))
-        mean, logvar = self.model.decode(memory, torch.as_tensor(mask, device=dev), q_ids.expand(b, -1))
+        memory, memory_mask = self.model.encode(
+            torch.as_tensor(tok, device=dev), torch.as_tensor(val, dtype=torch.float32, device=dev),
+            torch.as_tensor(err, dtype=torch.float32, device=dev), torch.as_tensor(mask, device=dev))
+        mean, logvar = self.model.decode(memory, memory_mask, q_ids.expand(b, -1))
         return mean.float().cpu().numpy(), torch.exp(0.5 * logvar.float()).cpu().numpy()
 
     def embed(self, observed, batch_size: int = 4096) -> np.ndarray:
@@ -227,10 +228,10 @@ class StellarLM:
                 sl = slice(start, start + batch_size)
                 p = present[sl]
                 t = torch.as_tensor
-                mem = self.model.encode(t(np.broadcast_to(ids, p.shape).copy()),
-                                        t(np.nan_to_num(vn[sl]), dtype=torch.float32),
-                                        t(np.where(p, en[sl], 1.0), dtype=torch.float32), t(p))
-                w = t(p, dtype=torch.float32).unsqueeze(-1)
+                mem, mem_mask = self.model.encode(t(np.broadcast_to(ids, p.shape).copy()),
+                                                  t(np.nan_to_num(vn[sl]), dtype=torch.float32),
+                                                  t(np.where(p, en[sl], 1.0), dtype=torch.float32), t(p))
+                w = mem_mask.float().unsqueeze(-1)
                 out.append(((mem * w).sum(1) / w.sum(1).clamp_min(1)).numpy())
         return np.concatenate(out)
 

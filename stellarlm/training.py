@@ -47,16 +47,20 @@ STATE_FILE = "train_state.pt"
 @dataclass
 class TrainConfig:
     out_dir: str = "runs/default"
-    steps: int = 6000
+    # defaults: the shipped models/default (see its README)
+    steps: int = 8500
     batch_size: int = 128
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.01
     warmup_steps: int = 200
     min_lr_ratio: float = 0.05
     grad_clip: float = 1.0
     max_targets: int = 32
-    max_inputs: int = 160  # caps attention cost; XP (110) + photometry always fit
-    p_group: float = 0.5
+    max_inputs: int = 160  # caps the per-token embedding cost; XP (110) + photometry always fit
+    patch_size: int = 5  # neighbouring XP coefficients summed into one encoder token (model.py)
+    lamost_patch_size: int = 20  # the same for the LAMOST-like bins
+    p_group: float = 0.7
+    nll_beta: float = 0.0  # beta-NLL weighting of the loss (model.gaussian_nll); validation uses plain NLL
     seed: int = 0
     eval_every: int = 0  # 0: once per epoch (n_train / batch_size steps)
     checkpoint_every: int = 500
@@ -248,11 +252,12 @@ def _draw(data: NormalisedData, n: int, gen: torch.Generator, cfg: TrainConfig, 
     return {k: x.to(device) for k, x in batch.items()}
 
 
-def batch_loss(model: StellarTransformer, batch: dict, use_amp: bool = False) -> torch.Tensor:
+def batch_loss(model: StellarTransformer, batch: dict, use_amp: bool = False, beta: float = 0.0) -> torch.Tensor:
     """Gaussian NLL of a batch from :func:`sample_batch` (forward pass in bf16 when ``use_amp``)."""
     with torch.autocast(batch["values"].device.type, dtype=torch.bfloat16, enabled=use_amp):
         mean, logvar = model(batch["ids"], batch["values"], batch["errors"], batch["mask"], batch["query_ids"])
-    return gaussian_nll(mean.float(), logvar.float(), batch["target"], batch["target_err"], batch["target_mask"])
+    return gaussian_nll(mean.float(), logvar.float(), batch["target"], batch["target_err"], batch["target_mask"],
+                        beta)
 
 
 @torch.no_grad()
@@ -294,6 +299,7 @@ def train(table: TokenTable, cfg: TrainConfig, resume: bool = False, progress: b
 
     torch.manual_seed(cfg.seed)
     cfg.model.n_vocab = len(vocab)
+    cfg.model.patch_of = vocab.patches(cfg.patch_size, cfg.lamost_patch_size)
     model = StellarTransformer(cfg.model).to(device)
     # weight decay on matrices only: not on biases, norms, or the name embeddings (a rare token's
     # embedding would otherwise decay towards zero between the steps that use it)
@@ -331,27 +337,29 @@ def train(table: TokenTable, cfg: TrainConfig, resume: bool = False, progress: b
     metrics = open(out / "metrics.jsonl", "a")
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not progress)
     model.train()
-    running = []
+    running, norms = [], []
     while step < cfg.steps:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        loss = batch_loss(model, _draw(train_data, cfg.batch_size, gen, cfg, device), use_amp)
+        loss = batch_loss(model, _draw(train_data, cfg.batch_size, gen, cfg, device), use_amp, cfg.nll_beta)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         step += 1
         running.append(loss.item())
+        norms.append(norm.item())
         bar.update(1)
         out_of_time = cfg.max_minutes is not None and (time.time() - t0) > 60 * cfg.max_minutes
         if step % eval_every == 0 or step == cfg.steps or out_of_time:
             val = evaluate(model, val_data, cfg, device) if len(val_data) else float("nan")
             rec = {"step": step, "epoch": step / steps_per_epoch, "train_loss": float(np.mean(running)),
+                   "grad_norm_median": float(np.median(norms)),
                    "val_loss": val, "lr": lr_at(step - 1, cfg), "seconds": round(time.time() - t0, 1)}
             metrics.write(json.dumps(rec) + "\n")
             metrics.flush()
             bar.set_postfix(train=f"{rec['train_loss']:.3f}", val=f"{val:.3f}")
-            running = []
+            running, norms = [], []
         if step % cfg.checkpoint_every == 0 or step == cfg.steps or out_of_time or step == stop_at:
             _save_checkpoint(out, model, vocab, opt, gen, step, cfg, extra)
         if out_of_time or step == stop_at:

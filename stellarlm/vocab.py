@@ -161,6 +161,25 @@ class Vocabulary:
             raise UnknownTokenError(group, GROUPS)
         return [t.name for t in self.tokens if t.group == group]
 
+    def patches(self, size: int, lamost_size: int | None = None) -> list[int]:
+        """Patch id of each token id: runs of ``size`` neighbouring tokens of an XP band (and of
+        ``lamost_size``, default ``size``, LAMOST-like bins) share a patch; every other token is a
+        patch of its own.
+
+        >>> Vocabulary.default().patches(5)[:12]
+        [0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 2, 2]
+        """
+        sizes = {"xp_bp": size, "xp_rp": size, "lamost": lamost_size or size}
+        if min(sizes.values()) < 1:
+            raise ValueError(f"patch sizes must be >= 1, got {sizes}")
+        out, seen, index_in_group = [], {}, {}
+        for t in self.tokens:
+            i = index_in_group.get(t.group, 0)
+            index_in_group[t.group] = i + 1
+            key = (t.group, i // sizes[t.group]) if t.group in sizes else (t.name,)
+            out.append(seen.setdefault(key, len(seen)))
+        return out
+
     # --- normalisation --------------------------------------------------------------------------
     def normalise(self, values: np.ndarray, ids: np.ndarray, errors: np.ndarray | None = None):
         """Physical -> model units for columns ``ids``; returns (values, errors).

@@ -81,3 +81,17 @@ def test_model_units_squash_heavy_tails_and_invert_exactly():
     h = 1e-6 * v["lamost_150"].scale
     dy = (v.normalise(x + h, ids)[0] - v.normalise(x - h, ids)[0]) / (2 * h)
     np.testing.assert_allclose(ey, err * dy, rtol=1e-5)
+
+
+def test_patches_group_neighbouring_spectral_tokens_only():
+    vocab = Vocabulary.default()
+    patch = dict(zip(vocab.names, vocab.patches(5, lamost_size=20)))
+    assert patch["bp_0"] == patch["bp_4"] != patch["bp_5"]
+    assert patch["bp_50"] == patch["bp_54"] and patch["rp_0"] != patch["bp_0"]
+    assert patch["lamost_0"] == patch["lamost_19"] != patch["lamost_20"]
+    scalars = [n for n in vocab.names if vocab[n].group not in ("xp_bp", "xp_rp", "lamost")]
+    assert len({patch[n] for n in scalars}) == len(scalars)  # every scalar is its own patch
+    assert len(set(patch.values())) == 22 + 10 + len(scalars)
+    assert vocab.patches(1) == list(range(len(vocab)))
+    with pytest.raises(ValueError, match=">= 1"):
+        vocab.patches(0)
