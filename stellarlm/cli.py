@@ -138,7 +138,7 @@ def _bench(args) -> int:
     from .bench import BenchConfig, run_benchmark, to_markdown
 
     cfg = BenchConfig(model=args.model, out_dir=args.out, cache_dir=args.cache_dir, quick=args.quick,
-                      methods=tuple(args.methods), input_sets=tuple(args.inputs))
+                      methods=tuple(args.methods), input_sets=tuple(args.inputs), evaluate_on=args.split)
     try:
         result = run_benchmark(cfg, log=lambda msg: print(msg, file=sys.stderr))
     except (ImportError, ValueError) as exc:
@@ -212,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     bench.add_argument("--inputs", nargs="+", default=list(INPUT_SETS), choices=list(INPUT_SETS),
                        help="input sets: " + "; ".join(f"{k} = {v[0]}" for k, v in INPUT_SETS.items()))
+    bench.add_argument("--split", default="test", choices=["test", "val"],
+                       help="split to measure: test for reported figures, val to compare models")
     bench.set_defaults(func=_bench)
     return parser
 

@@ -65,3 +65,16 @@ def test_metrics_on_known_numbers():
     bins = binned_metrics(pred, truth, truth, (-10, 0, 10))
     assert [b["n"] for b in bins] == [int((truth < 0).sum()), int((truth >= 0).sum())]
     assert robust_scatter(pred - truth) == pytest.approx(m["robust_scatter"])
+
+
+def test_bench_measures_the_validation_split_when_asked(small_embedded, tmp_path):
+    from stellarlm.bench import BenchConfig, run_benchmark
+
+    cfg = BenchConfig(quick=True, out_dir=str(tmp_path), cache_dir=str(Path(small_embedded.meta["path"]).parent),
+                      methods=("stellarlm", "knn"), input_sets=("phot",), batch_sizes=(64,), evaluate_on="val")
+    result = run_benchmark(cfg, log=lambda msg: None)
+    assert result["evaluated_on"] == "val"
+    assert result["n"]["test"] == min(len(small_embedded.subset("val")), 400)
+    assert (tmp_path / "bench.md").read_text().startswith("Val split")
+    with pytest.raises(ValueError, match="evaluate_on"):
+        run_benchmark(BenchConfig(quick=True, out_dir=str(tmp_path), evaluate_on="train"), log=lambda msg: None)

@@ -49,6 +49,9 @@ class BenchConfig:
     input_sets: tuple[str, ...] = tuple(INPUT_SETS)
     batch_sizes: tuple[int, ...] = (1, 64, 4096)
     seed: int = 0
+    # the split measured: "test" for reported figures; "val" to choose between models without
+    # looking at the test stars (the baselines then stop early on the split they are measured on)
+    evaluate_on: str = "test"
     caps: dict = field(default_factory=dict)  # filled from ``quick``: stars per split, rounds, epochs
 
 
@@ -76,14 +79,16 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
     model = StellarLM.load(model_dir)
     table = load_embedded(cfg.cache_dir)
     split = {}
+    if cfg.evaluate_on not in ("test", "val"):
+        raise ValueError(f"evaluate_on must be 'test' or 'val', not {cfg.evaluate_on!r}")
     for s in ("train", "val", "test"):
-        part = table.subset(s)
+        part = table.subset(cfg.evaluate_on if s == "test" else s)
         split[s] = part.subset(slice(0, caps[s])) if caps[s] else part
     truth = split["test"].select(LABELS)
     y = {s: split[s].select(LABELS).values.astype(np.float64) for s in split}
     e = {s: split[s].select(LABELS).errors.astype(np.float64) for s in split}
     by = {"teff": truth.column("teff").astype(np.float64), "g": split["test"].column("g").astype(np.float64)}
-    result = {"date": time.strftime("%Y-%m-%d"), "quick": cfg.quick, "model": model_dir,
+    result = {"date": time.strftime("%Y-%m-%d"), "quick": cfg.quick, "evaluated_on": cfg.evaluate_on, "model": model_dir,
               "model_parameters": model.model.n_parameters(), "machine": machine(), "labels": LABELS,
               "n": {s: len(split[s]) for s in split}, "data": table.meta.get("name"),
               "config": {**asdict(cfg), "caps": caps}, "input_sets": {}, "plots": []}
@@ -131,13 +136,13 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
         for j, label in enumerate(LABELS):
             path = out_dir / f"pred_vs_apogee_{key}_{label}.png"
             predicted_vs_true(path, label, y["test"][:, j], {m: preds[m][:, j] for m in cfg.methods},
-                              f"{description} -> {label}: test split ({len(y['test'])} stars)")
+                              f"{description} -> {label}: {cfg.evaluate_on} split ({len(y['test'])} stars)")
             result["plots"].append(path.name)
         if sigmas:
             z = {m: {label: z_scores(preds[m][:, j], sigmas[m][:, j], y["test"][:, j],
                                      e["test"][:, j]) for j, label in enumerate(LABELS)} for m in sigmas}
             path = out_dir / f"zscores_{key}.png"
-            z_histograms(path, z, f"{description}: (pred - APOGEE) / combined sigma, test split")
+            z_histograms(path, z, f"{description}: (pred - APOGEE) / combined sigma, {cfg.evaluate_on} split")
             result["plots"].append(path.name)
 
     if "stellarlm" in cfg.methods:
@@ -186,7 +191,7 @@ def _fmt(x: float, label: str) -> str:
 def to_markdown(result: dict) -> str:
     """The benchmark's tables as markdown: accuracy, calibration, accuracy in bins, speed."""
     labels = result["labels"]
-    lines = [f"Test split: {result['n']['test']} stars (training {result['n']['train']}, validation "
+    lines = [f"{result.get('evaluated_on', 'test').capitalize()} split: {result['n']['test']} stars (training {result['n']['train']}, validation "
              f"{result['n']['val']}); {result['date']}; {result['machine']['cpu']}, "
              f"{result['machine']['torch_threads']} torch threads." + (" QUICK RUN (tiny caps)." if result["quick"] else ""),
              "", "**Accuracy**: robust scatter (bias, % outliers beyond 3 robust sigma) against APOGEE DR17.", "",
