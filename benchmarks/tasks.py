@@ -65,15 +65,18 @@ def main() -> None:
     p.add_argument("--model", default=str(DEFAULT_MODEL))
     p.add_argument("--out", default="benchmarks/results/tasks.json")
     p.add_argument("--max-test", type=int, default=None, help="first N test stars only (quick look)")
+    p.add_argument("--split", default="test", choices=["test", "val"],
+                   help="split to measure: test for reported figures, val to compare models")
     args = p.parse_args()
     torch.set_num_threads(2)
     t0 = time.time()
     table = load_embedded()
-    train, test = table.subset("train"), table.subset("test")
+    train, test = table.subset("train"), table.subset(args.split)
     if args.max_test:
         test = test.subset(slice(0, args.max_test))
     model = StellarLM.load(args.model)
-    result = {"date": time.strftime("%Y-%m-%d"), "model": args.model, "n_train": len(train), "n_test": len(test),
+    result = {"date": time.strftime("%Y-%m-%d"), "model": args.model, "split": args.split, "n_train": len(train),
+              "n_test": len(test),
               "generation": evaluate_generation(model, train, test),
               "inpainting": evaluate_inpainting(model, train, test),
               "translation": evaluate_translation(model, train, test),

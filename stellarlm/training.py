@@ -60,7 +60,7 @@ class TrainConfig:
     patch_size: int = 5  # neighbouring XP coefficients summed into one encoder token (model.py)
     lamost_patch_size: int = 20  # the same for the LAMOST-like bins
     p_group: float = 0.7
-    nll_beta: float = 0.0  # beta-NLL weighting of the loss (model.gaussian_nll); validation uses plain NLL
+    nll_beta: float = 0.5  # beta-NLL weighting of the loss (model.gaussian_nll); validation uses plain NLL
     seed: int = 0
     eval_every: int = 0  # 0: once per epoch (n_train / batch_size steps)
     checkpoint_every: int = 500
