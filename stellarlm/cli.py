@@ -103,12 +103,12 @@ def _demo(args) -> int:
 
     from .data.embedded import load_embedded
     from .query import StellarLM
-    from .vocab import robust_scatter
+    from .vocab import XP_NAMES, robust_scatter
 
     table = load_embedded(args.cache_dir)
     test = table.subset("test")
     model = StellarLM.load(args.model)
-    xp = test.vocab.group("xp_bp") + test.vocab.group("xp_rp") + ["g"]
+    xp = XP_NAMES + ["g"]
     want = ["teff", "logg", "m_h"]
     out = model.query({n: test.column(n) for n in xp}, want)
     print(f"model {args.model}: {model.meta.get('step')} training steps; query: XP coefficients + G -> "

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from .errors import BadValueError, UnknownTokenError
 from .training import load_model, pick_device
-from .vocab import GAIA_G_ZEROPOINT, N_XP, Vocabulary
+from .vocab import N_XP, Vocabulary, g_flux
 
 PASSTHROUGH = ("source_id", "star_id", "apogee_id", "designation", "split")
 
@@ -246,7 +246,7 @@ class StellarLM:
         for what, arr in (("bp_coefficients", bp), ("rp_coefficients", rp)):
             if arr.shape != (len(g), N_XP):
                 raise BadValueError(f"{what} has shape {arr.shape}; expected ({len(g)}, {N_XP})")
-        fg = 10 ** (-0.4 * (g - GAIA_G_ZEROPOINT))[:, None]
+        fg = g_flux(g)[:, None]
         obs = {"g": g}
         for band, arr, err in (("bp", bp, bp_coefficient_errors), ("rp", rp, rp_coefficient_errors)):
             for i in range(N_XP):

@@ -35,6 +35,13 @@ N_XP = 55  # Gaia DR3 XP coefficients per band (BP and RP)
 N_LAMOST = 200  # bins of the (synthetic) LAMOST-like spectrum; grid in stellarlm.data.lamost
 SQUASH = 3.0  # model units are linear in the robust z-score up to about this many scales
 GAIA_G_ZEROPOINT = 25.6874  # Gaia EDR3 G zero point (Riello et al. 2021), mag for 1 e-/s
+XP_NAMES = [f"bp_{i}" for i in range(N_XP)] + [f"rp_{i}" for i in range(N_XP)]  # the 110 XP tokens, in order
+LAMOST_NAMES = [f"lamost_{i}" for i in range(N_LAMOST)]
+
+
+def g_flux(g) -> np.ndarray:
+    """Gaia G-band flux (e-/s) of a G magnitude: the scale the XP coefficient tokens are divided by."""
+    return 10 ** (-0.4 * (np.asarray(g, dtype=np.float64) - GAIA_G_ZEROPOINT))
 
 GROUPS = ("xp_bp", "xp_rp", "label", "photometry", "extinction", "astrometry", "lamost")
 

@@ -2,7 +2,9 @@
 
 import pytest
 
-XP_G = [f"bp_{i}" for i in range(55)] + [f"rp_{i}" for i in range(55)] + ["g"]
+from stellarlm.vocab import XP_NAMES
+
+XP_G = XP_NAMES + ["g"]
 TINY = dict(d_model=32, n_heads=2, n_encoder_layers=2, n_decoder_layers=1)
 
 

@@ -24,14 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..vocab import N_XP
+from ..vocab import XP_NAMES
 from .metrics import G_BINS, TEFF_BINS, binned_metrics, calibration_metrics, residual_metrics, z_scores
 
-XP = [f"bp_{i}" for i in range(N_XP)] + [f"rp_{i}" for i in range(N_XP)]
 PHOTOMETRY = ["g", "bp", "rp", "j", "h", "k"]
 INPUT_SETS = {
-    "xp_g": ("XP + G", XP + ["g"]),
-    "xp_phot": ("XP + photometry + parallax", XP + PHOTOMETRY + ["parallax"]),
+    "xp_g": ("XP + G", XP_NAMES + ["g"]),
+    "xp_phot": ("XP + photometry + parallax", XP_NAMES + PHOTOMETRY + ["parallax"]),
     "phot": ("photometry alone (G, BP, RP, J, H, Ks)", PHOTOMETRY),
 }
 LABELS = ["teff", "logg", "m_h", "alpha_m"]
@@ -65,6 +64,7 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
     """Run the benchmark; write ``bench.json``, ``bench.md`` and PNG plots to ``cfg.out_dir``."""
     from ..data.embedded import load_embedded
     from ..query import StellarLM
+    from ..tasks import ask
     from .baselines import knn_predict, mlp_predict, xgboost_predict
     from .plots import predicted_vs_true, z_histograms
     from .speed import inference_rate, machine, training_rate
@@ -105,9 +105,7 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
                 obs = {}
                 for n in inputs:
                     obs[n], obs[f"{n}_err"] = split["test"].column(n), split["test"].error(n)
-                out = model.query(obs, LABELS, batch_size=4096)
-                preds[method] = np.column_stack([np.asarray(out[n], dtype=np.float64) for n in LABELS])
-                sigmas[method] = np.column_stack([np.asarray(out[f"{n}_err"], dtype=np.float64) for n in LABELS])
+                preds[method], sigmas[method] = ask(model, obs, LABELS, batch_size=4096)
                 info[method] = {}
             elif method == "xgboost":
                 preds[method], info[method] = xgboost_predict(x["train"], y["train"], x["val"], y["val"], x["test"],

@@ -39,14 +39,14 @@ def predicted_vs_true(path: Path, label: str, truth: np.ndarray, preds: dict[str
     for col, name in enumerate(methods):
         p = preds[name]
         ok = ok_truth & np.isfinite(p)
-        r = p[ok] - truth[ok]
         top, bottom = axes[0, col], axes[1, col]
         top.hexbin(truth[ok], p[ok], gridsize=60, bins="log", mincnt=1, cmap="viridis",
                    extent=(*extent, *extent))
         top.plot(extent, extent, color="k", lw=0.8)
         top.set_xlim(extent)
         top.set_ylim(extent)
-        top.set_title(f"{name}\nscatter {robust_scatter(r):.3g}, bias {np.median(r):+.2g}", fontsize=9)
+        r = p[ok] - truth[ok]
+        top.set_title(f"{name}\nscatter {scatters[col]:.3g}, bias {np.median(r):+.2g}", fontsize=9)
         bottom.hexbin(truth[ok], r, gridsize=(60, 25), bins="log", mincnt=1, cmap="viridis",
                       extent=(*extent, -lim, lim))
         bottom.axhline(0, color="k", lw=0.8)

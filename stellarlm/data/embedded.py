@@ -33,7 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import DataFileError
-from ..vocab import GAIA_G_ZEROPOINT, N_XP, Vocabulary
+from ..vocab import N_XP, Vocabulary, g_flux
 from .table import TokenTable, split_of
 from .xp_basis import XP_WAVELENGTH_NM, coefficients_to_flux, flux_to_coefficients
 
@@ -187,7 +187,7 @@ def build_embedded(out_dir: str | os.PathLike | None = None, max_stars: int | No
     coeff_err = np.full((n, 2 * N_XP), np.nan)
     coeff[xp_ok], coeff_err[xp_ok] = flux_to_coefficients(flux[xp_ok], ferr[xp_ok])
     roundtrip = np.abs(coefficients_to_flux(coeff[xp_ok]) - flux[xp_ok]) / np.abs(flux[xp_ok]).max(1, keepdims=True)
-    g_flux = 10 ** (-0.4 * (g - GAIA_G_ZEROPOINT))
+    flux_g = g_flux(g)
     steps.update(1)
 
     vocab = Vocabulary.default()
@@ -195,8 +195,8 @@ def build_embedded(out_dir: str | os.PathLike | None = None, max_stars: int | No
     errors = {}
     for band, cols in (("bp", slice(0, N_XP)), ("rp", slice(N_XP, 2 * N_XP))):
         for i, j in enumerate(range(cols.start, cols.stop)):
-            values[f"{band}_{i}"] = coeff[:, j] / g_flux
-            errors[f"{band}_{i}"] = coeff_err[:, j] / g_flux
+            values[f"{band}_{i}"] = coeff[:, j] / flux_g
+            errors[f"{band}_{i}"] = coeff_err[:, j] / flux_g
 
     # Labels: NaN stays missing; a label with a non-positive or non-finite error is not usable.
     for token, col in (("teff", "teff"), ("logg", "logg"), ("m_h", "fe_h"), ("alpha_m", "alpha_m")):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..bench import PHOTOMETRY
 from ..bench.baselines import knn_predict, linear_predict
 from ..data.lamost import lamost_bin_centres
 from ..data.table import TokenTable
@@ -30,7 +31,6 @@ from .inpainting import inpaint
 from .loci import kiel_locus, running_median, teff_locus
 
 GENERATION_LABELS = ["teff", "logg", "m_h", "alpha_m", "a_k"]
-PHOTOMETRY = ["g", "bp", "rp", "j", "h", "k"]
 RP_ONLY_NM = 640.0  # above this the sampled XP spectrum is RP alone
 
 
@@ -42,6 +42,15 @@ def spectrum_errors(pred: np.ndarray, true: np.ndarray, true_err: np.ndarray) ->
     per_star = chi2.sum(1) / np.maximum(ok.sum(1), 1)
     return {"median_relative_error": float(np.median(rel[ok])), "chi2_dof": float(np.mean(per_star[ok.any(1)])),
             "n_stars": int(ok.any(1).sum())}
+
+
+def _values(table: TokenTable, names: list[str]) -> np.ndarray:
+    return table.select(names).values.astype(np.float64)
+
+
+def _linear(train: TokenTable, test: TokenTable, src: list[str], dst: list[str]) -> np.ndarray:
+    """The linear-regression baseline: ``dst`` from ``src``, fitted on ``train``, predicted for ``test``."""
+    return linear_predict(_values(train, src), _values(train, dst), _values(test, src))
 
 
 def _complete(table: TokenTable, names: list[str]) -> TokenTable:
@@ -57,7 +66,7 @@ def _xp_spectra(coefficients, errors=None, pixels=None):
 
 def _compare(pred_tokens: dict[str, np.ndarray], truth: TokenTable, names: list[str], kind: str, pixels=None) -> dict:
     """Spectrum errors of each prediction (n, len(names)) against ``truth``'s tokens ``names``."""
-    true_v = truth.select(names).values.astype(np.float64)
+    true_v = _values(truth, names)
     true_e = truth.select(names).errors.astype(np.float64)
     if kind == "xp":
         true_flux, true_err = _xp_spectra(true_v, true_e, pixels)
@@ -68,7 +77,7 @@ def _compare(pred_tokens: dict[str, np.ndarray], truth: TokenTable, names: list[
 
 def _median_of(train: TokenTable, names: list[str], n: int) -> np.ndarray:
     """The training split's median of each of ``names``, for ``n`` stars."""
-    return np.broadcast_to(np.nanmedian(train.select(names).values.astype(np.float64), axis=0), (n, len(names)))
+    return np.broadcast_to(np.nanmedian(_values(train, names), axis=0), (n, len(names)))
 
 
 def evaluate_generation(model: StellarLM, train: TokenTable, test: TokenTable) -> dict:
@@ -79,9 +88,7 @@ def evaluate_generation(model: StellarLM, train: TokenTable, test: TokenTable) -
         tr, te = _complete(train, GENERATION_LABELS + names), _complete(test, GENERATION_LABELS + names)
         labels = {n: te.column(n) for n in GENERATION_LABELS}
         mean, _ = ask(model, labels, names)
-        nearest = knn_predict(tr.select(GENERATION_LABELS).values.astype(np.float64),
-                              tr.select(names).values.astype(np.float64),
-                              te.select(GENERATION_LABELS).values.astype(np.float64), k=1)
+        nearest = knn_predict(_values(tr, GENERATION_LABELS), _values(tr, names), _values(te, GENERATION_LABELS), k=1)
         out[kind] = _compare({"model": mean, "baseline": nearest, "training_median": _median_of(tr, names, len(te))},
                              te, names, kind)
     out["baseline"] = "spectrum of the nearest training star in standardised (Teff, logg, [M/H], [alpha/M], A_K)"
@@ -91,18 +98,16 @@ def evaluate_generation(model: StellarLM, train: TokenTable, test: TokenTable) -
 def _inpaint_case(model, train, test, given: list[str], hidden: list[str], also: list[str], kind: str, pixels=None):
     names = given + hidden
     tr, te = _complete(train, names + also), _complete(test, names + also)
-    values = te.select(names).values.astype(np.float64)
+    values = _values(te, names)
     values[:, len(given):] = np.nan
     filled, _ = inpaint(model, names, values, also={n: te.column(n) for n in also})
-    x_cols = given + also
-    lin = linear_predict(tr.select(x_cols).values.astype(np.float64), tr.select(hidden).values.astype(np.float64),
-                         te.select(x_cols).values.astype(np.float64))
     base, median = values.copy(), values.copy()
-    base[:, len(given):] = lin
+    base[:, len(given):] = _linear(tr, te, given + also, hidden)
     median[:, len(given):] = _median_of(tr, hidden, len(te))
-    order = [names.index(n) for n in (XP_NAMES if kind == "xp" else LAMOST_NAMES)]
+    spectrum = XP_NAMES if kind == "xp" else LAMOST_NAMES
+    order = [names.index(n) for n in spectrum]
     return _compare({"model": filled[:, order], "baseline": base[:, order], "training_median": median[:, order]}, te,
-                    XP_NAMES if kind == "xp" else LAMOST_NAMES, kind, pixels)
+                    spectrum, kind, pixels)
 
 
 def evaluate_inpainting(model: StellarLM, train: TokenTable, test: TokenTable) -> dict:
@@ -123,17 +128,21 @@ def evaluate_inpainting(model: StellarLM, train: TokenTable, test: TokenTable) -
     }
 
 
+def _model_and_baselines(model: StellarLM, train: TokenTable, test: TokenTable, src: list[str], dst: list[str]):
+    """The stars that have all of ``src`` and ``dst``, and their ``dst`` predicted from ``src`` by the
+    model, the linear baseline and the training median."""
+    tr, te = _complete(train, src + dst), _complete(test, src + dst)
+    mean, _ = ask(model, {n: te.column(n) for n in src}, dst)
+    return tr, te, {"model": mean, "baseline": _linear(tr, te, src, dst), "training_median": _median_of(tr, dst, len(te))}
+
+
 def evaluate_translation(model: StellarLM, train: TokenTable, test: TokenTable) -> dict:
     """XP + G -> LAMOST-like, and LAMOST-like -> XP; baseline: linear regression fitted on the training set."""
     out = {}
     for key, src, dst, kind in (("xp_to_lamost", XP_NAMES + ["g"], LAMOST_NAMES, "lamost"),
                                 ("lamost_to_xp", LAMOST_NAMES, XP_NAMES, "xp")):
-        tr, te = _complete(train, src + dst), _complete(test, src + dst)
-        mean, _ = ask(model, {n: te.column(n) for n in src}, dst)
-        lin = linear_predict(tr.select(src).values.astype(np.float64), tr.select(dst).values.astype(np.float64),
-                             te.select(src).values.astype(np.float64))
-        out[key] = _compare({"model": mean, "baseline": lin, "training_median": _median_of(tr, dst, len(te))},
-                            te, dst, kind)
+        tr, te, preds = _model_and_baselines(model, train, test, src, dst)
+        out[key] = _compare(preds, te, dst, kind)
     out["baseline"] = "linear regression (ridge) fitted on the training set"
     return out
 
@@ -183,12 +192,8 @@ def evaluate_any_to_any(model: StellarLM, train: TokenTable, test: TokenTable) -
              ("labels_to_photometry", ["teff", "logg", "m_h", "a_k", "g"], ["bp", "rp", "j", "h", "k"]),
              ("xp_to_colour", XP_NAMES + ["g"], ["bp", "rp"]))
     for key, src, dst in cases:
-        tr, te = _complete(train, src + dst), _complete(test, src + dst)
-        mean, _ = ask(model, {n: te.column(n) for n in src}, dst)
-        lin = linear_predict(tr.select(src).values.astype(np.float64), tr.select(dst).values.astype(np.float64),
-                             te.select(src).values.astype(np.float64))
-        truth = te.select(dst).values.astype(np.float64)
-        preds = {"model": mean, "baseline": lin, "training_median": _median_of(tr, dst, len(te))}
+        tr, te, preds = _model_and_baselines(model, train, test, src, dst)
+        truth = _values(te, dst)
         if key == "xp_to_colour":  # the colour, not the two magnitudes
             preds = {k: v[:, :1] - v[:, 1:] for k, v in preds.items()}
             truth, dst = truth[:, :1] - truth[:, 1:], ["bp_rp"]

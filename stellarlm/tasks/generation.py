@@ -22,16 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..query import StellarLM
-from ..vocab import GAIA_G_ZEROPOINT, N_LAMOST, N_XP
+from ..vocab import LAMOST_NAMES, XP_NAMES, g_flux  # noqa: F401 (re-exported for the tasks)
 from . import ask
-
-XP_NAMES = [f"bp_{i}" for i in range(N_XP)] + [f"rp_{i}" for i in range(N_XP)]
-LAMOST_NAMES = [f"lamost_{i}" for i in range(N_LAMOST)]
-
-
-def g_flux(g: np.ndarray) -> np.ndarray:
-    """Gaia G-band flux (e-/s) of a G magnitude: the scale the XP tokens are divided by."""
-    return 10 ** (-0.4 * (np.asarray(g, dtype=np.float64) - GAIA_G_ZEROPOINT))
 
 
 def sample_xp(coefficients: np.ndarray, errors: np.ndarray | None = None, g: np.ndarray | None = None

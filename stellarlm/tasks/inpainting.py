@@ -33,7 +33,10 @@ def inpaint(model: StellarLM, names: Sequence[str], values: np.ndarray,
     columns = as_columns(list(names), values)  # checks the shape
     also = {k: np.atleast_1d(np.asarray(v, dtype=np.float64)) for k, v in (also or {}).items()}
     missing = ~np.isfinite(values)
-    nothing = missing.all(1) & ~np.any([np.isfinite(v) for v in also.values()] or [np.zeros(len(values), bool)], 0)
+    something = ~missing.all(1)
+    for v in also.values():
+        something |= np.isfinite(v)
+    nothing = ~something
     if nothing.any():
         raise BadValueError(f"star {int(np.nonzero(nothing)[0][0])} has nothing given to inpaint from")
     filled, sigma = values.copy(), np.zeros_like(values)
