@@ -52,6 +52,14 @@ def _vocab_update(args) -> int:
     return 0
 
 
+def _parse_bool(text: str) -> bool:
+    """``true``/``false`` (also yes/no, 1/0) for a boolean option; ``bool("false")`` would be True."""
+    answers = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+    if text.lower() not in answers:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return answers[text.lower()]
+
+
 def _train(args) -> int:
     from dataclasses import fields
 
@@ -180,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
         for name, default in vars(cls()).items():
             if name in ("out_dir", "model", "n_vocab", "patch_of"):
                 continue
-            typ = type(default) if default is not None else (float if name == "max_minutes" else int)
+            typ = type(default) if default is not None else (float if name in ("max_minutes", "p_xp") else int)
+            typ = _parse_bool if typ is bool else typ
             tr.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None,
                             help=f"(default {default})")
     tr.set_defaults(func=_train)

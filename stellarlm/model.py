@@ -1,8 +1,8 @@
 """The stellarlm network: named-token embedding, a set encoder, and a query decoder.
 
 A star is a *set* of observed tokens (name id i, normalised value v, normalised error s). Each
-becomes ``f(w_i * v + u_i * s) + b_i`` (:class:`TokenEmbedding`): no positional encoding, the
-name is the identity, so the order of the inputs cannot change any answer. The encoder is
+becomes ``f(w_i * v + u_i * s + c_i) + b_i`` (:class:`TokenEmbedding`): no positional encoding,
+the name is the identity, so the order of the inputs cannot change any answer. The encoder is
 self-attention over the observed tokens (a padding mask lets stars with different numbers of
 tokens share a batch). Each requested name enters the decoder as its own learned query vector and
 cross-attends to the encoded star; queries do not attend to each other, so the answer for
@@ -41,6 +41,9 @@ class ModelConfig:
     dropout: float = 0.0
     logvar_min: float = -14.0  # normalised units: sigma >= ~1e-3 of a token's scale
     logvar_max: float = 6.0
+    # a learned offset inside the nonlinearity, f(w_i * v + c_i + ...): without it every feature
+    # of a token bends at v = 0, so a value enters as little more than two linear pieces
+    value_offset: bool = True
     # patch id of each token id (see Vocabulary.patches), or None: every token attends on its own
     patch_of: list[int] | None = None
 
@@ -49,20 +52,24 @@ class ModelConfig:
 
 
 class TokenEmbedding(nn.Module):
-    """``f(w_i * v + u_i * s) + b_i`` for token id i, value v and error s (both normalised), with
-    ``f = Linear(GELU(.))``. ``forward(..., patch, n_patches)`` returns the sum over each patch's
-    tokens: the Linear is applied once to the summed GELU features (the same up to its bias, which
-    is counted once per patch instead of once per token), which is what makes long spectra cheap."""
+    """``f(w_i * v + u_i * s + c_i) + b_i`` for token id i, value v and error s (both normalised),
+    with ``f = Linear(GELU(.))`` and ``c_i`` the learned offset (``value_offset``).
+    ``forward(..., patch, n_patches)`` returns the sum over each patch's tokens: the Linear is
+    applied once to the summed GELU features (the same up to its bias, which is counted once per
+    patch instead of once per token), which is what makes long spectra cheap."""
 
-    def __init__(self, n_vocab: int, d: int):
+    def __init__(self, n_vocab: int, d: int, value_offset: bool = True):
         super().__init__()
         self.weight = nn.Embedding(n_vocab, d)  # w_i: how the value enters
         self.error_weight = nn.Embedding(n_vocab, d)  # u_i: how its uncertainty enters
         self.bias = nn.Embedding(n_vocab, d)  # b_i: the name's identity
+        self.offset = nn.Embedding(n_vocab, d) if value_offset else None  # c_i: where each feature bends
         self.out = nn.Linear(d, d)
         nn.init.normal_(self.weight.weight, std=1.0)
         nn.init.normal_(self.error_weight.weight, std=0.1)
         nn.init.normal_(self.bias.weight, std=0.5)
+        if self.offset is not None:
+            nn.init.normal_(self.offset.weight, std=1.0)
 
     def forward(self, ids: torch.Tensor, values: torch.Tensor, errors: torch.Tensor, mask: torch.Tensor,
                 patch: torch.Tensor, n_patches: int) -> torch.Tensor:
@@ -71,7 +78,8 @@ class TokenEmbedding(nn.Module):
         # values arrive in model units (Vocabulary.normalise: heavy tails already squashed);
         # errors span decades (bp_50 vs teff): a log keeps them on one scale
         s = torch.log(errors.clamp_min(1e-4)).unsqueeze(-1) / 4.0
-        h = F.gelu(self.weight(ids) * values.unsqueeze(-1) + self.error_weight(ids) * s)
+        pre = self.weight(ids) * values.unsqueeze(-1) + self.error_weight(ids) * s
+        h = F.gelu(pre if self.offset is None else pre + self.offset(ids))
         keep = mask.unsqueeze(-1).to(h.dtype)
         b, _, d = h.shape
         index = patch.unsqueeze(-1).expand(-1, -1, d)
@@ -131,7 +139,7 @@ class StellarTransformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed = TokenEmbedding(cfg.n_vocab, cfg.d_model)
+        self.embed = TokenEmbedding(cfg.n_vocab, cfg.d_model, cfg.value_offset)
         self.query = nn.Embedding(cfg.n_vocab, cfg.d_model)
         self.encoder = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.n_encoder_layers))
         self.encoder_norm = nn.LayerNorm(cfg.d_model)

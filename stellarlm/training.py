@@ -6,9 +6,16 @@ put in a random order and split: the first ``n_in`` are inputs, the next (up to
 mixed:
 
 * token subsets (probability ``1 - p_group``): any tokens, ``n_in`` uniform in 1..n_available-1;
-* modality subsets (probability ``p_group``): a spectrum (all 110 XP coefficients, or all LAMOST-like
-  bins) is given or withheld whole, each scalar token (a label, a magnitude, the parallax) on its
-  own, each with probability 1/2: this is how users ask (e.g. XP + G -> labels).
+* modality subsets (probability ``p_group``): a part of a spectrum (the BP or RP coefficients, the
+  blue or red half of the LAMOST-like bins) is given or withheld whole, each scalar token (a label,
+  a magnitude, the parallax) on its own: this is how users ask (e.g. XP + G -> labels, BP -> RP).
+  A share ``p_alone`` of them give one source alone (the XP spectrum, the LAMOST-like one, the
+  labels or the photometry; G is added half the time), the XP spectrum with probability ``p_xp``;
+  the rest give each block with a random keep rate, whole spectra or (a share ``p_half``) halves.
+  Users ask XP -> everything else far more often than anything else, and a model that sees that
+  question in 9% of its samples (all sources alike) learns it much more slowly than one that sees
+  it in 43%: on the validation split, after the same 6 minutes of training, Teff from XP + G went
+  from 206 K to 132 K (the default model's README has the runs).
 
 Targets are ordered by weighted sampling (Efraimidis & Spirakis 2006) with weight 1/group size,
 so the four labels are asked for as often as the 200 LAMOST bins.
@@ -36,7 +43,7 @@ from tqdm import tqdm
 from .data.table import TokenTable
 from .errors import DataFileError, VocabularyMismatchError
 from .model import ModelConfig, StellarTransformer, gaussian_nll
-from .vocab import GROUPS, Vocabulary
+from .vocab import GROUPS, N_LAMOST, Vocabulary
 
 CHECKPOINT_DIR = "checkpoint"
 WEIGHTS_FILE = "model.safetensors"
@@ -48,18 +55,21 @@ STATE_FILE = "train_state.pt"
 class TrainConfig:
     out_dir: str = "runs/default"
     # defaults: the shipped models/default (see its README)
-    steps: int = 8500
+    steps: int = 9000
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.01
     warmup_steps: int = 200
     min_lr_ratio: float = 0.05
     grad_clip: float = 1.0
-    max_targets: int = 32
+    max_targets: int = 24
     max_inputs: int = 160  # caps the per-token embedding cost; XP (110) + photometry always fit
     patch_size: int = 5  # neighbouring XP coefficients summed into one encoder token (model.py)
     lamost_patch_size: int = 20  # the same for the LAMOST-like bins
-    p_group: float = 0.7
+    p_group: float = 0.9
+    p_alone: float = 0.8  # of the modality subsets, the share that give one source alone (+ G half the time)
+    p_xp: float | None = 0.6  # of those, the share where the source is the XP spectrum (None: all alike)
+    p_half: float = 0.5  # of the rest (random keep rates), the share that keep or drop half spectra, not whole ones
     nll_beta: float = 0.5  # beta-NLL weighting of the loss (model.gaussian_nll); validation uses plain NLL
     seed: int = 0
     eval_every: int = 0  # 0: once per epoch (n_train / batch_size steps)
@@ -79,33 +89,51 @@ class NormalisedData:
     values: torch.Tensor
     errors: torch.Tensor
     group: torch.Tensor  # (T,) group index of each column
-    block: torch.Tensor  # (T,) what is given or withheld together: a whole spectrum, or one scalar
+    block: torch.Tensor  # (T,) what is given or withheld together (_block_of): a part of a spectrum, or one scalar
     sources: torch.Tensor  # (S, n_blocks) blocks of each source: xp, lamost, labels, photometry
     g_block: torch.Tensor  # (n_blocks,) the block of the G magnitude
+    whole: torch.Tensor  # (n_blocks,) the whole-spectrum block each block belongs to (a scalar: itself)
+    xp_source: int | None = None  # the row of ``sources`` that is the XP spectrum, if there is one
 
     @classmethod
     def from_table(cls, table: TokenTable, vocab: Vocabulary) -> NormalisedData:
         ids = vocab.ids(table.names)
         v, e = vocab.normalise(table.values.astype(np.float64), ids, table.errors.astype(np.float64))
         group = np.array([GROUPS.index(vocab[n].group) for n in table.names])
-        spectra = {"xp_bp": "xp", "xp_rp": "xp", "lamost": "lamost"}
-        block_name = [spectra.get(vocab[n].group, n) for n in table.names]
+        block_name = [_block_of(vocab[n]) for n in table.names]
         names, block = np.unique(block_name, return_inverse=True)
         group_of_block = {b: vocab[n].group for n, b in zip(table.names, block_name)}
-        kinds = [("xp",), ("lamost",), ("label",), ("photometry",)]
-        sources = np.array([[b in kind or group_of_block[b] in kind for b in names] for kind in kinds])
-        sources = sources[sources.any(1)]  # a table may lack a source (e.g. no LAMOST-like tokens)
+        kinds = [("xp_bp", "xp_rp"), ("lamost",), ("label",), ("photometry",)]
+        sources = np.array([[group_of_block[b] in kind for b in names] for kind in kinds])
+        present = sources.any(1)  # a table may lack a source (e.g. no LAMOST-like tokens)
+        xp_source = 0 if present[0] else None
         g_block = names == "g"
+        _, whole = np.unique([_WHOLE_SPECTRUM.get(b, b) for b in names], return_inverse=True)
         return cls(torch.as_tensor(ids), torch.as_tensor(v, dtype=torch.float32),
                    torch.as_tensor(e, dtype=torch.float32), torch.as_tensor(group), torch.as_tensor(block),
-                   torch.as_tensor(sources), torch.as_tensor(g_block))
+                   torch.as_tensor(sources[present]), torch.as_tensor(g_block), torch.as_tensor(whole), xp_source)
 
     def __len__(self) -> int:
         return len(self.values)
 
 
+_WHOLE_SPECTRUM = {"xp_bp": "xp", "xp_rp": "xp", "lamost_blue": "lamost", "lamost_red": "lamost"}
+
+
+def _block_of(token) -> str:
+    """What is given or withheld together in a modality subset: a band of the XP spectrum (BP or
+    RP), a half of the LAMOST-like spectrum (blue or red, about the instrument's two arms), or a
+    scalar token on its own. A source given alone (see sample_batch) is the whole spectrum."""
+    if token.group in ("xp_bp", "xp_rp"):
+        return token.group
+    if token.group == "lamost":
+        return "lamost_blue" if int(token.name.split("_")[1]) < N_LAMOST // 2 else "lamost_red"
+    return token.name
+
+
 def sample_batch(data: NormalisedData, rows: torch.Tensor, gen: torch.Generator, max_targets: int,
-                 p_group: float, max_inputs: int = 1_000_000) -> dict[str, torch.Tensor]:
+                 p_group: float, max_inputs: int = 1_000_000, p_alone: float = 0.5,
+                 p_xp: float | None = None, p_half: float = 0.5) -> dict[str, torch.Tensor]:
     """Random input/target subsets for ``rows``; returns padded tensors and masks (see module doc)."""
     v, e = data.values[rows], data.errors[rows]
     avail = torch.isfinite(v)
@@ -124,9 +152,16 @@ def sample_batch(data: NormalisedData, rows: torch.Tensor, gen: torch.Generator,
     n_blocks = int(data.block.max()) + 1
     keep = torch.rand(b, 1, generator=gen)
     given = torch.rand(b, n_blocks, generator=gen) < keep
-    source = torch.randint(len(data.sources), (b,), generator=gen)
+    # whole spectra (labels -> the XP spectrum) or, a share p_half of the time, halves (BP -> RP)
+    given_whole = (torch.rand(b, int(data.whole.max()) + 1, generator=gen) < keep)[:, data.whole]
+    given = torch.where(torch.rand(b, 1, generator=gen) < p_half, given, given_whole)
+    source_weight = torch.ones(len(data.sources))
+    if p_xp is not None and data.xp_source is not None and len(data.sources) > 1:
+        source_weight = torch.full((len(data.sources),), (1 - p_xp) / (len(data.sources) - 1))
+        source_weight[data.xp_source] = p_xp
+    source = torch.multinomial(source_weight, b, replacement=True, generator=gen)
     alone = data.sources[source] | (data.g_block[None, :] & (torch.rand(b, 1, generator=gen) < 0.5))
-    given = torch.where((torch.rand(b, 1, generator=gen) < 0.5), given, alone)
+    given = torch.where((torch.rand(b, 1, generator=gen) < p_alone), alone, given)
     token_given = given[:, data.block] & avail
     n_given = token_given.sum(1)
     use_group &= (n_given > 0) & (n_given < n_avail)
@@ -209,7 +244,8 @@ def load_model(directory: str | os.PathLike, vocab: Vocabulary | None = None
         if meta.get("format") != "stellarlm-model":
             raise ValueError("missing format tag 'stellarlm-model'")
         ckpt_vocab = Vocabulary.from_json(json.dumps(meta["vocabulary"]))
-        cfg = ModelConfig(**meta["config"])
+        # models written before the option existed were trained without the value offset
+        cfg = ModelConfig(**{"value_offset": False, **meta["config"]})
     except (ValueError, KeyError, TypeError) as exc:
         raise DataFileError(meta_path, f"not a stellarlm model description ({exc})") from exc
     if vocab is not None:
@@ -248,7 +284,8 @@ def _config_dict(cfg: TrainConfig) -> dict:
 def _draw(data: NormalisedData, n: int, gen: torch.Generator, cfg: TrainConfig, device: torch.device) -> dict:
     """``n`` random stars (with replacement) with random input/target subsets, on ``device``."""
     rows = torch.randint(len(data), (n,), generator=gen)
-    batch = sample_batch(data, rows, gen, cfg.max_targets, cfg.p_group, cfg.max_inputs)
+    batch = sample_batch(data, rows, gen, cfg.max_targets, cfg.p_group, cfg.max_inputs, cfg.p_alone, cfg.p_xp,
+                         cfg.p_half)
     return {k: x.to(device) for k, x in batch.items()}
 
 

@@ -8,8 +8,8 @@ import torch
 
 from stellarlm import BadValueError, DataFileError, StellarLM, UnknownTokenError, VocabularyMismatchError
 from stellarlm.model import ModelConfig, StellarTransformer
-from stellarlm.vocab import robust_scatter
-from stellarlm.training import NormalisedData, TrainConfig, load_model, sample_batch, train
+from stellarlm.vocab import XP_NAMES, Vocabulary, robust_scatter
+from stellarlm.training import NormalisedData, TrainConfig, load_model, sample_batch, save_model, train
 
 from conftest import TINY, XP_G, _slice
 
@@ -80,6 +80,40 @@ def test_missing_tokens_are_never_inputs_or_targets(small_embedded):
     assert torch.isnan(data.values[:, t.names.index("m_h")]).any()
 
 
+def test_sampler_can_favour_the_xp_spectrum_alone(small_embedded):
+    t = small_embedded.select(XP_G + ["teff", "logg", "bp", "rp"])
+    data = NormalisedData.from_table(t, t.vocab)
+    rows = torch.arange(len(data))[:300]
+    xp_ids = set(t.vocab.ids(XP_NAMES).tolist())
+    g_id = t.vocab.ids(["g"])[0]
+
+    def xp_alone_share(**kw):
+        b = sample_batch(data, rows, torch.Generator().manual_seed(4), max_targets=8, p_group=1.0, **kw)
+        alone = [set(b["ids"][r][b["mask"][r]].tolist()) - {g_id} <= xp_ids for r in range(len(rows))]
+        return np.mean(alone)
+
+    # every modality subset a lone source, and that source always XP: inputs are XP (+ G) only
+    assert xp_alone_share(p_alone=1.0, p_xp=1.0) == 1.0
+    # uniform over the three sources (XP, labels, photometry) it is about a third
+    assert 0.2 < xp_alone_share(p_alone=1.0) < 0.45
+
+
+def test_sampler_gives_half_spectra(small_embedded):
+    """Random keep rates act on the BP and RP bands separately (users inpaint RP from BP)."""
+    t = small_embedded.select(XP_G + ["teff", "logg"])
+    data = NormalisedData.from_table(t, t.vocab)
+    rows = torch.arange(len(data))[:300]
+    b = sample_batch(data, rows, torch.Generator().manual_seed(5), max_targets=8, p_group=1.0, p_alone=0.0)
+    bp, rp = set(t.vocab.ids(XP_NAMES[:55]).tolist()), set(t.vocab.ids(XP_NAMES[55:]).tolist())
+    given = [set(b["ids"][r][b["mask"][r]].tolist()) for r in range(len(rows))]
+    bands = [(len(g & bp), len(g & rp)) for g in given]
+    assert (55, 0) in bands and (0, 55) in bands and (55, 55) in bands
+    # a band is given whole or not at all, except where a draw gave everything or nothing and the
+    # star fell back to a random token subset (about a third of them)
+    whole = [n_bp in (0, 55) and n_rp in (0, 55) for n_bp, n_rp in bands]
+    assert np.mean(whole) > 0.5
+
+
 def test_missing_inputs_are_skipped_per_star(tiny_model, small_embedded):
     model, _ = tiny_model
     held = small_embedded.subset("val").subset(slice(0, 20))
@@ -103,6 +137,19 @@ def test_checkpoint_round_trip(tiny_model, small_embedded):
     assert again.vocab == model.vocab
     meta = json.loads((out / "model.json").read_text())
     assert meta["step"] == 400 and meta["vocabulary"]["tokens"][110]["name"] == "teff"
+
+
+def test_models_from_before_the_value_offset_still_load(tmp_path):
+    vocab = Vocabulary.default()
+    old = StellarTransformer(ModelConfig(n_vocab=len(vocab), value_offset=False, **TINY))
+    save_model(tmp_path, old, vocab, {})
+    meta = json.loads((tmp_path / "model.json").read_text())
+    del meta["config"]["value_offset"]  # as written by stellarlm before the option existed
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    loaded, _, _ = load_model(tmp_path)
+    assert loaded.embed.offset is None
+    for a, b in zip(old.state_dict().values(), loaded.state_dict().values()):
+        torch.testing.assert_close(a, b)
 
 
 def test_resumed_run_ends_with_the_same_weights(small_embedded, tmp_path):
