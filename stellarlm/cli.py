@@ -118,8 +118,11 @@ def _demo(args) -> int:
     model = StellarLM.load(args.model)
     xp = XP_NAMES + ["g"]
     want = ["teff", "logg", "m_h"]
-    out = model.query({n: test.column(n) for n in xp}, want)
-    print(f"model {args.model}: {model.meta.get('step')} training steps; query: XP coefficients + G -> "
+    # each star's own errors, as the Gaia archive gives them (without, a typical error is assumed)
+    observed = {**{n: test.column(n) for n in xp}, **{f"{n}_err": test.error(n) for n in xp}}
+    out = model.query(observed, want)
+    print(f"model {args.model}: {model.meta.get('step')} training steps; query: XP coefficients + G "
+          "(with their errors) -> "
           f"{', '.join(want)} for the {len(test)} held-out test stars")
     print(f"{'Gaia DR3 source_id':>20} {'APOGEE_ID':>19} | " + " | ".join(f"{n:>22}" for n in want))
     print(f"{'':>20} {'':>19} | " + " | ".join(f"{'stellarlm':>13} {'APOGEE':>8}" for _ in want))
