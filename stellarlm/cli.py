@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import typing
 
 from pathlib import Path
 
@@ -188,10 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-stars", type=int, help="train on the first N stars only (quick runs)")
     tr.add_argument("--without", nargs="*", default=[], help="token groups to leave out (e.g. lamost)")
     for cls in (TrainConfig, ModelConfig):
+        hints = typing.get_type_hints(cls)
         for name, default in vars(cls()).items():
             if name in ("out_dir", "model", "n_vocab", "patch_of"):
                 continue
-            typ = type(default) if default is not None else (float if name in ("max_minutes", "p_xp") else int)
+            # the annotation, not the default, says the type: an option defaulting to None
+            # ("float | None") still takes a float
+            typ = next(t for t in typing.get_args(hints[name]) or (hints[name],) if t is not type(None))
             typ = _parse_bool if typ is bool else typ
             tr.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None,
                             help=f"(default {default})")
