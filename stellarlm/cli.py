@@ -6,6 +6,7 @@
     stellarlm train --out DIR [--steps N] [--resume] ...      train a model on the embedded data
     stellarlm query --model DIR --input stars.fits --want teff logg m_h --output out.fits
     stellarlm demo [--model DIR]                               the shipped model on held-out stars
+    stellarlm calibrate --model DIR                           fit the sigma scale on the validation split
 """
 
 from __future__ import annotations
@@ -50,6 +51,15 @@ def _vocab_update(args) -> int:
     path = default_vocab_path()
     table.vocab.save(path)
     print(f"wrote normalisation statistics of {len(table.names)} tokens to {path}")
+    return 0
+
+
+def _calibrate(args) -> int:
+    from .calibration import calibrate
+    from .vocab import XP_NAMES
+
+    scale = calibrate(args.model, args.inputs or XP_NAMES + ["g"], args.want, args.cache_dir)
+    print("sigma scale (validation split): " + ", ".join(f"{k} {v:.3f}" for k, v in scale.items()))
     return 0
 
 
@@ -217,6 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-n", type=int, default=10, help="stars to print")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+
+    cal = sub.add_parser("calibrate", help="scale a model's sigmas so that z has unit spread on the validation split")
+    cal.add_argument("--model", required=True, help="model directory; its model.json gets the factors")
+    cal.add_argument("--cache-dir", help="data cache directory")
+    cal.add_argument("--inputs", nargs="+", default=None, help="given tokens (default: XP + G)")
+    cal.add_argument("--want", nargs="+", default=["teff", "logg", "m_h", "alpha_m"], help="tokens to calibrate")
+    cal.set_defaults(func=_calibrate)
 
     from .bench import INPUT_SETS, METHODS
 

@@ -56,6 +56,9 @@ class StellarLM:
         self.trained_tokens = set(meta.get("trained_tokens", vocab.names))
         typical = meta.get("typical_error", {})
         self._typical_error = np.array([typical.get(t.name, 0.1) for t in vocab.tokens], dtype=np.float64)
+        # factors on the predicted sigmas fitted on the validation split (stellarlm.calibration); 1 if none
+        scale = meta.get("sigma_scale", {})
+        self._sigma_scale = np.array([scale.get(t.name, 1.0) for t in vocab.tokens], dtype=np.float64)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "auto", vocab: Vocabulary | None = None) -> StellarLM:
@@ -185,7 +188,7 @@ class StellarLM:
         for start in tqdm(range(0, n, batch_size), desc="query", unit="batch", disable=not show):
             sl = slice(start, start + batch_size)
             m, s = self._predict(ids, vn[sl], en[sl], present[sl], q_ids)
-            mean[sl], sigma[sl] = m, s
+            mean[sl], sigma[sl] = m, s * self._sigma_scale[want_ids]
         mean, sigma = self.vocab.denormalise(mean, want_ids, sigma)
         mean[empty], sigma[empty] = np.nan, np.nan
         out = Table()

@@ -1,6 +1,7 @@
 """The network, training and the query API, on a tiny model and a small slice of the real data."""
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -9,7 +10,8 @@ import torch
 from stellarlm import BadValueError, DataFileError, StellarLM, UnknownTokenError, VocabularyMismatchError
 from stellarlm.model import ModelConfig, StellarTransformer
 from stellarlm.vocab import XP_NAMES, Vocabulary, robust_scatter
-from stellarlm.training import NormalisedData, TrainConfig, load_model, sample_batch, save_model, train
+from stellarlm.training import (NormalisedData, TrainConfig, _buckets, batch_loss, load_model, parallel_backward,
+                                sample_batch, save_model, train)
 
 from conftest import TINY, XP_G, _slice
 
@@ -112,6 +114,33 @@ def test_sampler_gives_half_spectra(small_embedded):
     # star fell back to a random token subset (about a third of them)
     whole = [n_bp in (0, 55) and n_rp in (0, 55) for n_bp, n_rp in bands]
     assert np.mean(whole) > 0.5
+
+
+def test_bucketed_loss_is_the_single_pass_loss(small_embedded):
+    """Running a batch as sub-batches of similar length changes the cost, not the loss or its gradient."""
+    t = small_embedded
+    data = NormalisedData.from_table(t, t.vocab)
+    cfg = ModelConfig(n_vocab=len(t.vocab), d_model=16, n_heads=2, n_encoder_layers=1, n_decoder_layers=1,
+                      patch_of=t.vocab.patches(5, 20))
+    torch.manual_seed(0)
+    net = StellarTransformer(cfg)
+    batch = sample_batch(data, torch.arange(64), torch.Generator().manual_seed(2), max_targets=8, p_group=0.9)
+    sizes = [len(part["ids"]) for part in _buckets(net, batch, 4)]
+    widths = [part["ids"].shape[1] for part in _buckets(net, batch, 4)]
+    assert sum(sizes) == 64 and min(widths) < batch["ids"].shape[1]
+    grads = []
+    for n in (1, 4):
+        net.zero_grad()
+        loss = batch_loss(net, batch, beta=0.5, n_buckets=n)
+        loss.backward()
+        grads.append((loss.item(), net.embed.weight.weight.grad.clone()))
+    with ThreadPoolExecutor(2) as pool:  # the same, with the sub-batches shared by two threads
+        net.zero_grad()
+        loss = parallel_backward(net, batch, pool, n_workers=2, beta=0.5, n_buckets=4)
+        grads.append((loss.item(), net.embed.weight.weight.grad.clone()))
+    for loss, grad in grads[1:]:
+        assert loss == pytest.approx(grads[0][0], rel=1e-5)
+        assert torch.allclose(grad, grads[0][1], atol=1e-6)
 
 
 def test_missing_inputs_are_skipped_per_star(tiny_model, small_embedded):

@@ -55,7 +55,7 @@ def training_rate(model: StellarLM, table: TokenTable, batch_size: int = 128, st
     """Training samples (stars) per second for the model's own architecture and sampler, measured on
     a fresh copy of the network over ``steps`` optimiser steps after one warm-up step."""
     from ..model import StellarTransformer
-    from ..training import NormalisedData, TrainConfig, _draw, batch_loss
+    from ..training import NormalisedData, TrainConfig, _draw, loss_backward, worker_pool
 
     cfg = TrainConfig(batch_size=batch_size, **_sampler_settings(model.meta))
     net = StellarTransformer(model.model.cfg).to(model.device).train()
@@ -63,22 +63,23 @@ def training_rate(model: StellarLM, table: TokenTable, batch_size: int = 128, st
     data = NormalisedData.from_table(table.select([n for n in table.names if n in model.trained_tokens]),
                                      model.vocab)
     gen = torch.Generator().manual_seed(0)
-    use_amp = model.device.type == "cuda"
+    on_gpu = model.device.type == "cuda"
     t0 = 0.0
-    for i in range(steps + 1):
-        if i == 1:
-            if use_amp:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-        loss = batch_loss(net, _draw(data, batch_size, gen, cfg, model.device), use_amp)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    if use_amp:
+    with worker_pool(cfg.workers, model.device) as pool:
+        for i in range(steps + 1):
+            if i == 1:
+                if on_gpu:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss_backward(net, _draw(data, batch_size, gen, cfg, model.device), cfg, pool)
+            opt.step()
+    if on_gpu:
         torch.cuda.synchronize()
     return steps * batch_size / (time.perf_counter() - t0)
 
 
 def _sampler_settings(meta: dict) -> dict:
     trained = meta.get("train_config", {})
-    return {k: trained[k] for k in ("max_targets", "max_inputs", "p_group") if k in trained}
+    keys = ("max_targets", "max_inputs", "p_group", "p_alone", "p_xp", "p_half", "n_buckets", "workers")
+    return {k: trained[k] for k in keys if k in trained}
