@@ -25,7 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import BadValueError, DataFileError
+from .errors import BadValueError
 
 CLIP = 5.0
 
@@ -66,12 +66,10 @@ def calibrate(model_dir: str | os.PathLike, inputs: Sequence[str], want: Sequenc
     from .data.embedded import load_embedded
     from .query import StellarLM
     from .tasks import ask
-    from .training import META_FILE, _atomic_write
+    from .training import META_FILE, _atomic_write, load_model
 
-    path = Path(model_dir) / META_FILE
-    model = StellarLM.load(model_dir)
-    model.meta.pop("sigma_scale", None)
-    model._sigma_scale[:] = 1.0  # fit on the uncalibrated sigmas
+    net, vocab, meta = load_model(model_dir)
+    model = StellarLM(net, vocab, {**meta, "sigma_scale": {}})  # fit on the uncalibrated sigmas
     val = load_embedded(cache_dir).subset("val")
     obs = {}
     for name in inputs:
@@ -80,11 +78,7 @@ def calibrate(model_dir: str | os.PathLike, inputs: Sequence[str], want: Sequenc
     truth = val.select(list(want))
     scale = {name: fit_sigma_scale(pred[:, j], sigma[:, j], truth.values[:, j], truth.errors[:, j], clip)
              for j, name in enumerate(want)}
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise DataFileError(path, f"cannot read the model's JSON file ({exc})") from exc
     meta["sigma_scale"] = {k: round(v, 4) for k, v in scale.items()}
     meta["sigma_scale_fit"] = {"split": "val", "inputs": list(inputs), "clip": clip, "n_stars": len(val)}
-    _atomic_write(path, lambda p: p.write_text(json.dumps(meta, indent=1)))
+    _atomic_write(Path(model_dir) / META_FILE, lambda p: p.write_text(json.dumps(meta, indent=1)))
     return scale
