@@ -152,17 +152,23 @@ class StellarTransformer(nn.Module):
         self.register_buffer("patch_of", patch_of, persistent=False)
         self.n_patches = int(patch_of.max()) + 1
 
+    def patches(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The patch of each (B, N) token, padding sent to a spare slot ``n_patches``, and (B,
+        n_patches + 1) which patches each star has (the spare slot never)."""
+        patch = self.patch_of[ids].masked_fill(~mask, self.n_patches)
+        present = torch.zeros(ids.shape[0], self.n_patches + 1, dtype=torch.bool, device=ids.device)
+        present.scatter_(1, patch, True)
+        present[:, -1] = False
+        return patch, present
+
     def encode(self, ids: torch.Tensor, values: torch.Tensor, errors: torch.Tensor,
                mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, N) observed tokens -> context (B, P, d) and its mask (B, P), P <= N patches.
 
         ``mask`` is True for real (non-padding) tokens; padded slots may hold any id/value: they
         are masked out."""
-        b = ids.shape[0]
-        patch = self.patch_of[ids].masked_fill(~mask, self.n_patches)  # padding goes to a spare slot
+        patch, present = self.patches(ids, mask)
         x = self.embed(ids, values * mask, errors.masked_fill(~mask, 1.0), mask, patch, self.n_patches + 1)
-        present = torch.zeros(b, self.n_patches + 1, dtype=torch.bool, device=ids.device).scatter_(1, patch, True)
-        present[:, -1] = False
         # keep the patches that have a token, packed to the left (their order is irrelevant)
         width = max(int(present.sum(1).max()), 1)
         order = torch.argsort((~present).to(torch.int8), dim=1, stable=True)[:, :width]
