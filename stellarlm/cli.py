@@ -228,14 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
 
+    from .bench import INPUT_SETS, LABELS, METHODS
+
     cal = sub.add_parser("calibrate", help="scale a model's sigmas so that z has unit spread on the validation split")
     cal.add_argument("--model", required=True, help="model directory; its model.json gets the factors")
     cal.add_argument("--cache-dir", help="data cache directory")
     cal.add_argument("--inputs", nargs="+", default=None, help="given tokens (default: XP + G)")
-    cal.add_argument("--want", nargs="+", default=["teff", "logg", "m_h", "alpha_m"], help="tokens to calibrate")
+    cal.add_argument("--want", nargs="+", default=LABELS, help="tokens to calibrate (default: the bench's labels)")
     cal.set_defaults(func=_calibrate)
-
-    from .bench import INPUT_SETS, METHODS
 
     bench = sub.add_parser("bench", help="accuracy, calibration and speed vs XGBoost, an MLP and kNN (test split)")
     bench.add_argument("--model", default=str(DEFAULT_MODEL), help="model directory")

@@ -239,10 +239,22 @@ class StellarLM:
         return np.concatenate(out)
 
     def labels_from_xp(self, bp_coefficients, rp_coefficients, phot_g_mean_mag, want=("teff", "logg", "m_h"),
-                       bp_coefficient_errors=None, rp_coefficient_errors=None):
+                       bp_coefficient_errors=None, rp_coefficient_errors=None,
+                       bp_n_relevant_bases=None, rp_n_relevant_bases=None):
         """Labels from XP coefficients as the Gaia archive gives them (e-/s units, 55 per band) and G.
 
         Divides the coefficients by the G-band flux as the model's tokens expect, then queries.
+        ``bp_n_relevant_bases`` / ``rp_n_relevant_bases`` (the archive's columns of those names, one
+        number per star or one for all) truncate each spectrum: the coefficients from that index on
+        are not given to the model, as Gaia recommends where the higher orders are mostly noise.
+
+        >>> import numpy as np
+        >>> from stellarlm import StellarLM
+        >>> model = StellarLM.load("models/default")
+        >>> bp, rp = np.ones((1, 55)), np.ones((1, 55))
+        >>> out = model.labels_from_xp(bp, rp, [15.0], bp_n_relevant_bases=[20], rp_n_relevant_bases=[24])
+        >>> out.colnames
+        ['teff', 'teff_err', 'logg', 'logg_err', 'm_h', 'm_h_err']
         """
         bp, rp = np.atleast_2d(bp_coefficients).astype(float), np.atleast_2d(rp_coefficients).astype(float)
         g = np.atleast_1d(np.asarray(phot_g_mean_mag, dtype=float))
@@ -251,11 +263,27 @@ class StellarLM:
                 raise BadValueError(f"{what} has shape {arr.shape}; expected ({len(g)}, {N_XP})")
         fg = g_flux(g)[:, None]
         obs = {"g": g}
-        for band, arr, err in (("bp", bp, bp_coefficient_errors), ("rp", rp, rp_coefficient_errors)):
+        for band, arr, err, n_relevant in (("bp", bp, bp_coefficient_errors, bp_n_relevant_bases),
+                                           ("rp", rp, rp_coefficient_errors, rp_n_relevant_bases)):
+            keep = _relevant_bases(n_relevant, len(g), f"{band}_n_relevant_bases")
             for i in range(N_XP):
-                obs[f"{band}_{i}"] = arr[:, i] / fg[:, 0]
+                obs[f"{band}_{i}"] = np.where(keep[:, i], arr[:, i] / fg[:, 0], np.nan)
             if err is not None:
                 e = np.atleast_2d(err).astype(float) / fg
                 for i in range(N_XP):
-                    obs[f"{band}_{i}_err"] = e[:, i]
+                    obs[f"{band}_{i}_err"] = np.where(keep[:, i], e[:, i], np.nan)
         return self.query(obs, list(want))
+
+
+def _relevant_bases(n_relevant, n_stars: int, what: str) -> np.ndarray:
+    """(n_stars, 55) True for the coefficients below each star's ``n_relevant`` (None: all of them)."""
+    if n_relevant is None:
+        return np.ones((n_stars, N_XP), bool)
+    n = np.asarray(n_relevant, dtype=float)
+    n = np.full(n_stars, n) if n.ndim == 0 else n
+    if n.shape != (n_stars,):
+        raise BadValueError(f"{what} has shape {n.shape}; expected ({n_stars},) or one number")
+    bad = ~np.isin(n, np.arange(1, N_XP + 1))
+    if bad.any():
+        raise BadValueError(f"{what} must be whole numbers from 1 to {N_XP}; star {int(np.argmax(bad))} has {n[bad][0]}")
+    return np.arange(N_XP)[None, :] < n[:, None]

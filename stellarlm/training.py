@@ -46,7 +46,7 @@ from tqdm import tqdm
 from .data.table import TokenTable
 from .errors import DataFileError, VocabularyMismatchError
 from .model import ModelConfig, StellarTransformer, gaussian_nll
-from .vocab import GROUPS, N_LAMOST, Vocabulary
+from .vocab import GROUPS, N_LAMOST, N_XP, Vocabulary
 
 CHECKPOINT_DIR = "checkpoint"
 WEIGHTS_FILE = "model.safetensors"
@@ -73,6 +73,12 @@ class TrainConfig:
     p_alone: float = 0.85  # of the modality subsets, the share that give one source alone (+ G half the time)
     p_xp: float | None = 0.7  # of those, the share where the source is the XP spectrum (None: all alike)
     p_half: float = 0.5  # of the rest (random keep rates), the share that keep or drop half spectra, not whole ones
+    # each time a star is drawn its given values get fresh noise of this many times their own errors,
+    # so the network cannot learn the training stars' noise by heart (see sample_batch)
+    input_noise: float = 0.0
+    # the share of stars given only their first n XP coefficients of each band (n random, + G half the
+    # time): the truncated spectra Gaia publishes for some sources, and inpainting of the higher orders
+    p_truncated: float = 0.08
     # CPU: stars sorted by their number of encoder patches and run in this many sub-batches, each
     # padded to its own width: the same loss, less padding (XP alone is 23 patches, everything 44)
     n_buckets: int = 8
@@ -103,6 +109,7 @@ class NormalisedData:
     g_block: torch.Tensor  # (n_blocks,) the block of the G magnitude
     whole: torch.Tensor  # (n_blocks,) the whole-spectrum block each block belongs to (a scalar: itself)
     xp_source: int | None = None  # the row of ``sources`` that is the XP spectrum, if there is one
+    xp_order: torch.Tensor | None = None  # (T,) coefficient index of each XP column, -1 for the others
 
     @classmethod
     def from_table(cls, table: TokenTable, vocab: Vocabulary) -> NormalisedData:
@@ -118,9 +125,11 @@ class NormalisedData:
         xp_source = 0 if present[0] else None
         g_block = names == "g"
         _, whole = np.unique([_WHOLE_SPECTRUM.get(b, b) for b in names], return_inverse=True)
+        xp_order = [int(n.split("_")[1]) if vocab[n].group in ("xp_bp", "xp_rp") else -1 for n in table.names]
         return cls(torch.as_tensor(ids), torch.as_tensor(v, dtype=torch.float32),
                    torch.as_tensor(e, dtype=torch.float32), torch.as_tensor(group), torch.as_tensor(block),
-                   torch.as_tensor(sources[present]), torch.as_tensor(g_block), torch.as_tensor(whole), xp_source)
+                   torch.as_tensor(sources[present]), torch.as_tensor(g_block), torch.as_tensor(whole), xp_source,
+                   torch.as_tensor(xp_order))
 
     def __len__(self) -> int:
         return len(self.values)
@@ -142,8 +151,15 @@ def _block_of(token) -> str:
 
 def sample_batch(data: NormalisedData, rows: torch.Tensor, gen: torch.Generator, max_targets: int,
                  p_group: float, max_inputs: int = 1_000_000, p_alone: float = 0.5,
-                 p_xp: float | None = None, p_half: float = 0.5) -> dict[str, torch.Tensor]:
-    """Random input/target subsets for ``rows``; returns padded tensors and masks (see module doc)."""
+                 p_xp: float | None = None, p_half: float = 0.5, input_noise: float = 0.0,
+                 p_truncated: float = 0.0) -> dict[str, torch.Tensor]:
+    """Random input/target subsets for ``rows``; returns padded tensors and masks (see module doc).
+
+    ``input_noise`` k > 0 adds Gaussian noise of k times each given value's error to it, and tells
+    the network the total error, sqrt(1 + k^2) times the error: a new noisy copy of the star each
+    time it is drawn. Targets are left as measured. ``p_truncated``: the share of stars whose
+    input is instead the first n coefficients of each XP band (n from 1 to 54, + G half the time).
+    """
     v, e = data.values[rows], data.errors[rows]
     avail = torch.isfinite(v)
     b, t = v.shape
@@ -172,6 +188,11 @@ def sample_batch(data: NormalisedData, rows: torch.Tensor, gen: torch.Generator,
     alone = data.sources[source] | (data.g_block[None, :] & (torch.rand(b, 1, generator=gen) < 0.5))
     given = torch.where((torch.rand(b, 1, generator=gen) < p_alone), alone, given)
     token_given = given[:, data.block] & avail
+    if p_truncated > 0 and data.xp_source is not None:
+        n_kept = torch.randint(1, N_XP, (b, 1), generator=gen)
+        with_g = data.g_block[data.block][None, :] & (torch.rand(b, 1, generator=gen) < 0.5)
+        truncated = ((data.xp_order >= 0) & (data.xp_order < n_kept)) | with_g
+        token_given = torch.where(torch.rand(b, 1, generator=gen) < p_truncated, truncated & avail, token_given)
     n_given = token_given.sum(1)
     use_group &= (n_given > 0) & (n_given < n_avail)
     key = torch.where(use_group[:, None] & token_given, key + 1e6, key)
@@ -190,8 +211,12 @@ def sample_batch(data: NormalisedData, rows: torch.Tensor, gen: torch.Generator,
     def take(x, cols, mask):
         return torch.gather(x, 1, cols).masked_fill(~mask, 0.0)
 
+    values, errors = take(v, in_cols, in_mask), take(e, in_cols, in_mask)
+    if input_noise > 0:
+        values = values + input_noise * errors * torch.randn(values.shape, generator=gen)
+        errors = errors * math.sqrt(1 + input_noise ** 2)
     return {
-        "ids": data.ids[in_cols], "values": take(v, in_cols, in_mask), "errors": take(e, in_cols, in_mask),
+        "ids": data.ids[in_cols], "values": values, "errors": errors,
         "mask": in_mask, "query_ids": data.ids[tg_cols], "target": take(v, tg_cols, tg_mask),
         "target_err": take(e, tg_cols, tg_mask), "target_mask": tg_mask,
     }
@@ -294,7 +319,7 @@ def _draw(data: NormalisedData, n: int, gen: torch.Generator, cfg: TrainConfig, 
     """``n`` random stars (with replacement) with random input/target subsets, on ``device``."""
     rows = torch.randint(len(data), (n,), generator=gen)
     batch = sample_batch(data, rows, gen, cfg.max_targets, cfg.p_group, cfg.max_inputs, cfg.p_alone, cfg.p_xp,
-                         cfg.p_half)
+                         cfg.p_half, cfg.input_noise, cfg.p_truncated)
     return {k: x.to(device) for k, x in batch.items()}
 
 
@@ -332,9 +357,9 @@ def batch_loss(model: StellarTransformer, batch: dict, use_amp: bool = False, be
 
 
 def parallel_backward(model: StellarTransformer, batch: dict, pool: ThreadPoolExecutor, n_workers: int,
-                      beta: float = 0.0, n_buckets: int = 8) -> torch.Tensor:
+                      n_buckets: int, beta: float = 0.0) -> torch.Tensor:
     """:func:`batch_loss` with its gradient put in each parameter's ``.grad``, the sub-batches shared
-    among ``n_workers`` threads of ``pool``.
+    among ``n_workers`` threads of ``pool`` in ``n_buckets`` sub-batches (:func:`_buckets`).
 
     Why: on a few CPU cores, the network's ops are too small to keep two cores busy each, and two
     sub-batches side by side, one core each, run faster (a step of 128 stars: 0.18 -> 0.12 s on the
@@ -362,7 +387,7 @@ def loss_backward(model: StellarTransformer, batch: dict, cfg: TrainConfig, pool
     (:func:`worker_pool`), else in ``cfg.n_buckets`` sub-batches on CPU, else (GPU, bf16) in one
     padded pass, which there beats several small launches."""
     if pool is not None:
-        return parallel_backward(model, batch, pool, cfg.workers, cfg.nll_beta, cfg.n_buckets)
+        return parallel_backward(model, batch, pool, cfg.workers, cfg.n_buckets, cfg.nll_beta)
     on_cpu = batch["values"].device.type == "cpu"
     loss = batch_loss(model, batch, not on_cpu, cfg.nll_beta, cfg.n_buckets if on_cpu else 1)
     loss.backward()

@@ -116,6 +116,41 @@ def test_sampler_gives_half_spectra(small_embedded):
     assert np.mean(whole) > 0.5
 
 
+def test_input_noise_perturbs_inputs_by_their_errors(small_embedded):
+    """input_noise k: given values move by k times their errors (and the error told grows to
+    sqrt(1 + k^2) times); the subsets and the targets are those drawn without noise."""
+    t = small_embedded.select(XP_G + ["teff", "logg"])
+    data = NormalisedData.from_table(t, t.vocab)
+    rows = torch.arange(len(data))[:300]
+    plain, noisy = (sample_batch(data, rows, torch.Generator().manual_seed(6), max_targets=8, p_group=0.9,
+                                 input_noise=k) for k in (0.0, 0.5))
+    for key in ("ids", "mask", "query_ids", "target", "target_err", "target_mask"):
+        assert torch.equal(plain[key], noisy[key]), key
+    m = plain["mask"] & (plain["errors"] > 0)
+    torch.testing.assert_close(noisy["errors"][m], plain["errors"][m] * np.sqrt(1.25))
+    pull = ((noisy["values"] - plain["values"]) / plain["errors"])[m]
+    assert abs(float(pull.std()) - 0.5) < 0.02 and abs(float(pull.mean())) < 0.02
+    assert torch.equal(noisy["values"][~plain["mask"]], plain["values"][~plain["mask"]])
+
+
+def test_sampler_gives_truncated_xp_spectra(small_embedded):
+    """p_truncated = 1: every star is given the first n coefficients of both XP bands (n varying,
+    G half the time)."""
+    t = small_embedded.select(XP_G + ["teff", "logg"])
+    data = NormalisedData.from_table(t, t.vocab)
+    rows = torch.arange(len(data))[:200]
+    b = sample_batch(data, rows, torch.Generator().manual_seed(7), max_targets=8, p_group=1.0, p_truncated=1.0)
+    order = {int(i): n for i, n in zip(t.vocab.ids(t.names), data.xp_order.tolist())}
+    g_id, kept = int(t.vocab.ids(["g"])[0]), []
+    for r in range(len(rows)):
+        given = b["ids"][r][b["mask"][r]].tolist()
+        xp = sorted(order[i] for i in given if i != g_id)
+        n = len(xp) // 2
+        assert xp == sorted(list(range(n)) * 2), xp  # the same prefix of BP and of RP
+        kept.append((n, g_id in given))
+    assert len({n for n, _ in kept}) > 20 and 0.3 < np.mean([g for _, g in kept]) < 0.7
+
+
 def test_bucketed_loss_is_the_single_pass_loss(small_embedded):
     """Running a batch as sub-batches of similar length changes the cost, not the loss or its gradient."""
     t = small_embedded
@@ -154,6 +189,31 @@ def test_missing_inputs_are_skipped_per_star(tiny_model, small_embedded):
     assert out["teff"][0] == pytest.approx(without_g["teff"][0], rel=1e-5)
     nothing = model.query({"g": np.array([np.nan, 12.0])}, ["teff"])
     assert np.isnan(nothing["teff"][0]) and np.isfinite(nothing["teff"][1])
+
+
+def test_labels_from_archive_xp_and_truncated_spectra(tiny_model, small_embedded):
+    """labels_from_xp takes the archive's e-/s coefficients; with n_relevant_bases the higher
+    orders are not given (changing them changes nothing), and bad counts are refused."""
+    from stellarlm.vocab import g_flux
+
+    model, _ = tiny_model
+    held = small_embedded.subset("val").subset(slice(0, 20))
+    g = held.column("g")
+    xp = np.column_stack([held.column(n) for n in XP_NAMES]) * g_flux(g)[:, None]
+    bp, rp = xp[:, :55], xp[:, 55:]
+    full = model.labels_from_xp(bp, rp, g, want=["teff"])
+    direct = model.query(_observed(held, XP_G), ["teff"])
+    np.testing.assert_allclose(full["teff"], direct["teff"], rtol=1e-5)
+    n_bp = np.arange(20) % 40 + 10
+    cut = model.labels_from_xp(bp, rp, g, want=["teff"], bp_n_relevant_bases=n_bp, rp_n_relevant_bases=30)
+    noisy_bp = np.where(np.arange(55)[None, :] >= n_bp[:, None], 1e6, bp)
+    again = model.labels_from_xp(noisy_bp, rp * np.where(np.arange(55) >= 30, -3.0, 1.0), g, want=["teff"],
+                                 bp_n_relevant_bases=n_bp, rp_n_relevant_bases=30)
+    np.testing.assert_allclose(cut["teff"], again["teff"], rtol=1e-5)
+    assert np.all(np.isfinite(cut["teff"])) and not np.allclose(cut["teff"], full["teff"])
+    for bad in (0, 56, 12.5, [30, 30]):
+        with pytest.raises(BadValueError, match="bp_n_relevant_bases"):
+            model.labels_from_xp(bp, rp, g, bp_n_relevant_bases=bad)
 
 
 def test_checkpoint_round_trip(tiny_model, small_embedded):

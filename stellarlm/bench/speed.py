@@ -55,9 +55,9 @@ def training_rate(model: StellarLM, table: TokenTable, batch_size: int = 128, st
     """Training samples (stars) per second for the model's own architecture and sampler, measured on
     a fresh copy of the network over ``steps`` optimiser steps after one warm-up step."""
     from ..model import StellarTransformer
-    from ..training import NormalisedData, TrainConfig, _draw, loss_backward, worker_pool
+    from ..training import NormalisedData, _draw, loss_backward, worker_pool
 
-    cfg = TrainConfig(batch_size=batch_size, **_sampler_settings(model.meta))
+    cfg = _trained_config(model.meta, batch_size)
     net = StellarTransformer(model.model.cfg).to(model.device).train()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     data = NormalisedData.from_table(table.select([n for n in table.names if n in model.trained_tokens]),
@@ -79,7 +79,14 @@ def training_rate(model: StellarLM, table: TokenTable, batch_size: int = 128, st
     return steps * batch_size / (time.perf_counter() - t0)
 
 
-def _sampler_settings(meta: dict) -> dict:
-    trained = meta.get("train_config", {})
-    keys = ("max_targets", "max_inputs", "p_group", "p_alone", "p_xp", "p_half", "n_buckets", "workers")
-    return {k: trained[k] for k in keys if k in trained}
+def _trained_config(meta: dict, batch_size: int):
+    """The model's own TrainConfig (sampler, sub-batches, workers) at ``batch_size``; where the model
+    was trained and for how long do not change the cost of a step and are left out."""
+    from dataclasses import fields
+
+    from ..training import TrainConfig
+
+    skip = {"batch_size", "model", "out_dir", "device", "threads", "steps", "max_minutes"}
+    known = {f.name for f in fields(TrainConfig)} - skip
+    trained = {k: v for k, v in meta.get("train_config", {}).items() if k in known}
+    return TrainConfig(batch_size=batch_size, **trained)
