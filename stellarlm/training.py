@@ -76,8 +76,9 @@ class TrainConfig:
     # each time a star is drawn its given values get fresh noise of this many times their own errors,
     # so the network cannot learn the training stars' noise by heart (see sample_batch)
     input_noise: float = 0.0
-    # the share of stars given only their first n XP coefficients of each band (n random, + G half the
-    # time): the truncated spectra Gaia publishes for some sources, and inpainting of the higher orders
+    # of the modality subsets, the share that give only the first n XP coefficients of each band (n
+    # random, + G half the time): spectra truncated to Gaia's n_relevant_bases, and
+    # inpainting of the higher orders
     p_truncated: float = 0.08
     # CPU: stars sorted by their number of encoder patches and run in this many sub-batches, each
     # padded to its own width: the same loss, less padding (XP alone is 23 patches, everything 44)
@@ -157,8 +158,9 @@ def sample_batch(data: NormalisedData, rows: torch.Tensor, gen: torch.Generator,
 
     ``input_noise`` k > 0 adds Gaussian noise of k times each given value's error to it, and tells
     the network the total error, sqrt(1 + k^2) times the error: a new noisy copy of the star each
-    time it is drawn. Targets are left as measured. ``p_truncated``: the share of stars whose
-    input is instead the first n coefficients of each XP band (n from 1 to 54, + G half the time).
+    time it is drawn. Targets are left as measured. ``p_truncated``: the share of the modality
+    subsets that give instead the first n coefficients of each XP band (n from 1 to 54, + G half
+    the time).
     """
     v, e = data.values[rows], data.errors[rows]
     avail = torch.isfinite(v)
