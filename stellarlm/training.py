@@ -58,7 +58,7 @@ STATE_FILE = "train_state.pt"
 class TrainConfig:
     out_dir: str = "runs/default"
     # defaults: the shipped models/default (see its README)
-    steps: int = 13000
+    steps: int = 14500
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.01
