@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .data.gaia_xp import relevant_bases_mask
 from .errors import BadValueError, UnknownTokenError
 from .training import load_model, pick_device
 from .vocab import N_XP, Vocabulary, g_flux
@@ -276,14 +277,10 @@ class StellarLM:
 
 
 def _relevant_bases(n_relevant, n_stars: int, what: str) -> np.ndarray:
-    """(n_stars, 55) True for the coefficients below each star's ``n_relevant`` (None: all of them)."""
+    """:func:`relevant_bases_mask` (all coefficients for None), its errors as BadValueError."""
     if n_relevant is None:
         return np.ones((n_stars, N_XP), bool)
-    n = np.asarray(n_relevant, dtype=float)
-    n = np.full(n_stars, n) if n.ndim == 0 else n
-    if n.shape != (n_stars,):
-        raise BadValueError(f"{what} has shape {n.shape}; expected ({n_stars},) or one number")
-    bad = ~np.isin(n, np.arange(1, N_XP + 1))
-    if bad.any():
-        raise BadValueError(f"{what} must be whole numbers from 1 to {N_XP}; star {int(np.argmax(bad))} has {n[bad][0]}")
-    return np.arange(N_XP)[None, :] < n[:, None]
+    try:
+        return relevant_bases_mask(n_relevant, n_stars)
+    except ValueError as exc:
+        raise BadValueError(f"{what} {exc}") from exc

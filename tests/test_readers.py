@@ -249,6 +249,36 @@ def test_xp_wrong_array_length(tmp_path):
     assert_names(ei, "len.fits", "bp_coefficients", "50")
 
 
+def test_xp_truncated_to_the_relevant_bases(tmp_path):
+    """truncate=True keeps each band's first n_relevant_bases coefficients; a star without the band
+    needs no count (null); the rest are missing and counted."""
+    c, e = xp_arrays()
+    cells = ["20,31", "12,null", "null,55"]  # star 1 has no RP, star 2 no BP
+    path = write_xp_csv(tmp_path / "trunc.csv", c, e, extra_header=",bp_n_relevant_bases,rp_n_relevant_bases",
+                        extra_cells=cells)
+    full = read_xp_continuous(path)
+    check_xp(full, c, e)
+    cut = read_xp_continuous(path, truncate=True)
+    v, w = cut.select(BP + RP).values, full.select(BP + RP).values
+    for star, n_bp, n_rp in ((0, 20, 31), (1, 12, None), (2, None, 55)):
+        for offset, n in ((0, n_bp), (N_XP, n_rp)):
+            if n is None:
+                assert np.isnan(v[star, offset:offset + N_XP]).all()
+                continue
+            np.testing.assert_array_equal(v[star, offset:offset + n], w[star, offset:offset + n])
+            assert np.isnan(v[star, offset + n:offset + N_XP]).all()
+    assert cut.meta["blanked"]["xp_coefficients_beyond_n_relevant_bases"] == (55 - 20) + (55 - 31) + (55 - 12)
+    # a count outside 1-55 for a present band, or no count column at all, is an error naming it
+    bad = write_xp_csv(tmp_path / "bad.csv", c, e, extra_header=",bp_n_relevant_bases,rp_n_relevant_bases",
+                       extra_cells=["20,31", "0,null", "null,55"])
+    with pytest.raises(DataFileError) as ei:
+        read_xp_continuous(bad, truncate=True)
+    assert_names(ei, "bad.csv", "bp_n_relevant_bases", "row 1")
+    with pytest.raises(DataFileError) as ei:
+        read_xp_continuous(write_xp_csv(tmp_path / "none.csv", c, e), truncate=True)
+    assert_names(ei, "none.csv", "bp_n_relevant_bases")
+
+
 @pytest.mark.parametrize("bad", [0.0, -1.0, np.nan])
 def test_xp_zero_negative_or_missing_error(tmp_path, bad):
     t, _, _ = xp_object_table()

@@ -295,8 +295,28 @@ def _g_magnitudes(table: Table, cols: dict[str, str], path: Path, source_id: np.
 
 
 # --- the reader -------------------------------------------------------------------------------------
+def relevant_bases_mask(n_relevant, n_stars: int) -> np.ndarray:
+    """(n_stars, 55) True for the coefficients below each star's ``n_relevant`` (the archive's
+    ``bp_n_relevant_bases`` / ``rp_n_relevant_bases``: one number per star, or one for all).
+
+    Raises ValueError for the wrong shape or a count that is not a whole number from 1 to 55.
+
+    >>> relevant_bases_mask([2, 55], 2).sum(axis=1)
+    array([ 2, 55])
+    """
+    n = np.asarray(n_relevant, dtype=float)
+    n = np.full(n_stars, n) if n.ndim == 0 else n
+    if n.shape != (n_stars,):
+        raise ValueError(f"has shape {n.shape}; expected ({n_stars},) or one number")
+    bad = ~np.isin(n, np.arange(1, N_XP + 1))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"must be whole numbers from 1 to {N_XP}; row {i} has {n[i]}")
+    return np.arange(N_XP)[None, :] < n[:, None]
+
+
 def read_xp_continuous(path: str | Path, g_mag: Sequence[float] | np.ndarray | Mapping[int, float] | None = None,
-                       *, vocab: Vocabulary | None = None) -> TokenTable:
+                       *, truncate: bool = False, vocab: Vocabulary | None = None) -> TokenTable:
     """Read a Gaia DR3 ``XP_CONTINUOUS`` file (CSV, ECSV, FITS or VOTable) into a TokenTable.
 
     Parameters
@@ -307,6 +327,9 @@ def read_xp_continuous(path: str | Path, g_mag: Sequence[float] | np.ndarray | M
     g_mag : G magnitudes for stars whose G is not in the file: an array with one value per row (in
         file order) or a dict ``source_id -> G``. Used only where the file has no
         ``phot_g_mean_mag`` or ``phot_g_mean_flux`` for a star.
+    truncate : keep only each band's first ``bp_n_relevant_bases`` / ``rp_n_relevant_bases``
+        coefficients (columns the file must then have), as GaiaXPy's ``truncation=True`` does; the
+        higher orders are left missing and counted in ``meta['blanked']``.
     vocab : vocabulary of the table (default: :meth:`Vocabulary.default`).
 
     Returns
@@ -321,7 +344,8 @@ def read_xp_continuous(path: str | Path, g_mag: Sequence[float] | np.ndarray | M
     DataFileError
         naming the file and the column: a required column is missing, an array does not have 55
         elements, a present coefficient has a zero, negative or missing error, the file cannot be
-        read, or there is no G at all (column ``phot_g_mean_mag``).
+        read, or there is no G at all (column ``phot_g_mean_mag``); with ``truncate``, an
+        ``n_relevant_bases`` column is missing or holds a count outside 1-55 for a present band.
 
     Notes
     -----
@@ -338,12 +362,12 @@ def read_xp_continuous(path: str | Path, g_mag: Sequence[float] | np.ndarray | M
     """
     path = Path(path)
     table = _read_any_table(path)
-    return xp_table_to_tokens(table, path, g_mag=g_mag, vocab=vocab)
+    return xp_table_to_tokens(table, path, g_mag=g_mag, truncate=truncate, vocab=vocab)
 
 
 def xp_table_to_tokens(table: Table, path: str | Path,
                        g_mag: Sequence[float] | np.ndarray | Mapping[int, float] | None = None,
-                       vocab: Vocabulary | None = None) -> TokenTable:
+                       truncate: bool = False, vocab: Vocabulary | None = None) -> TokenTable:
     """The work of :func:`read_xp_continuous` on an astropy Table already in memory (``path`` is only
     used in messages)."""
     vocab = vocab or Vocabulary.default()
@@ -357,6 +381,7 @@ def xp_table_to_tokens(table: Table, path: str | Path,
     coeff: dict[str, np.ndarray] = {}
     coeff_err: dict[str, np.ndarray] = {}
     band_missing: dict[str, np.ndarray] = {}
+    beyond_relevant = 0
     for band in BANDS:
         c = array_column(table, cols[f"{band}_coefficients"], path)
         # Used as archived, not rescaled by {band}_standard_deviation: the archived errors already
@@ -371,8 +396,12 @@ def xp_table_to_tokens(table: Table, path: str | Path,
             raise DataFileError(path, f"{int(bad.sum())} present coefficients have a zero, negative or missing "
                                 f"error (first: row {i}, source_id {source_id[i]}, coefficient {j}: {e[i, j]})",
                                 column=cols[f"{band}_coefficient_errors"])
-        coeff[band], coeff_err[band] = c, np.where(present, e, np.nan)
         band_missing[band] = ~present.any(axis=1)
+        if truncate:
+            keep = _relevant_in_file(table, cols, band, band_missing[band], path)
+            beyond_relevant += int((present & ~keep).sum())
+            c, present = np.where(keep, c, np.nan), present & keep
+        coeff[band], coeff_err[band] = c, np.where(present, e, np.nan)
 
     g, g_err, f_g, origin = _g_magnitudes(table, cols, path, source_id, g_mag)
     g_err = np.where(np.isfinite(g) & ~(np.isfinite(g_err) & (g_err > 0)), vocab["g"].assumed_error, g_err)
@@ -404,12 +433,27 @@ def xp_table_to_tokens(table: Table, path: str | Path,
         "g_source": counts,
         "missing": {"bp_band": int(band_missing["bp"].sum()), "rp_band": int(band_missing["rp"].sum()),
                     "both_bands": int((band_missing["bp"] & band_missing["rp"]).sum())},
-        "blanked": {"xp_no_g_magnitude": int((no_g & ~(band_missing["bp"] & band_missing["rp"])).sum())},
+        "blanked": {"xp_no_g_magnitude": int((no_g & ~(band_missing["bp"] & band_missing["rp"])).sum()),
+                    "xp_coefficients_beyond_n_relevant_bases": beyond_relevant},
         "duplicate_source_id_rows": int((n_seen - 1).sum()),
         "normalisation": "coefficients and errors divided by f_G = 10**(-0.4 (G - 25.6874)) e-/s",
     }
     star_id = np.array([f"Gaia DR3 {s}" for s in source_id], dtype=object)
     return TokenTable.from_columns(vocab, values, errors, source_id=source_id, star_id=star_id, meta=meta)
+
+
+def _relevant_in_file(table: Table, cols: dict[str, str], band: str, band_missing: np.ndarray,
+                      path: str | Path) -> np.ndarray:
+    """The file's ``<band>_n_relevant_bases`` as a coefficient mask; a star without the band may
+    have no count."""
+    name = f"{band}_n_relevant_bases"
+    if name not in cols:
+        raise DataFileError(path, "truncate=True needs the number of relevant bases", column=name)
+    n = np.where(band_missing, N_XP, float_column(table, cols[name], path))
+    try:
+        return relevant_bases_mask(n, len(n))
+    except ValueError as exc:
+        raise DataFileError(path, f"{name} {exc}", column=cols[name]) from exc
 
 
 # --- download ---------------------------------------------------------------------------------------
