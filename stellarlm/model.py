@@ -195,7 +195,7 @@ class StellarTransformer(nn.Module):
 
 
 def gaussian_nll(mean: torch.Tensor, logvar: torch.Tensor, target: torch.Tensor, target_err: torch.Tensor,
-                 mask: torch.Tensor, beta: float = 0.0) -> torch.Tensor:
+                 mask: torch.Tensor, beta: float | torch.Tensor = 0.0) -> torch.Tensor:
     """Mean Gaussian negative log-likelihood over ``mask``, with the target's own measurement
     variance added to the predicted one: the model learns the intrinsic scatter only.
 
@@ -206,6 +206,6 @@ def gaussian_nll(mean: torch.Tensor, logvar: torch.Tensor, target: torch.Tensor,
     """
     var = logvar.exp() + target_err.square()
     nll = 0.5 * (torch.log(var) + (target - mean).square() / var)
-    if beta:
+    if torch.is_tensor(beta) or beta:  # a tensor: one beta per target
         nll = nll * var.detach() ** beta
     return (nll * mask).sum() / mask.sum().clamp_min(1)

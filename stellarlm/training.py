@@ -87,6 +87,7 @@ class TrainConfig:
     # after the other, each op on all ``threads``
     workers: int = 2
     nll_beta: float = 0.5  # beta-NLL weighting of the loss (model.gaussian_nll); validation uses plain NLL
+    nll_beta_photometry: float | None = None  # the same for the magnitude tokens (None: nll_beta)
     seed: int = 0
     eval_every: int = 0  # 0: once per epoch (n_train / batch_size steps)
     checkpoint_every: int = 500
@@ -342,8 +343,11 @@ def _buckets(model: StellarTransformer, batch: dict, n: int):
         yield {k: x[rows, :width] if k in _INPUT_KEYS else x[rows] for k, x in batch.items()}
 
 
-def _nll_sum(model: StellarTransformer, part: dict, beta: float, use_amp: bool) -> torch.Tensor:
-    """Summed (not mean) Gaussian NLL of one (sub-)batch's targets."""
+def _nll_sum(model: StellarTransformer, part: dict, beta: float | torch.Tensor, use_amp: bool) -> torch.Tensor:
+    """Summed (not mean) Gaussian NLL of one (sub-)batch's targets; ``beta``: one number, or one per
+    token id (:func:`token_betas`)."""
+    if torch.is_tensor(beta):
+        beta = beta[part["query_ids"]]
     with torch.autocast(part["values"].device.type, dtype=torch.bfloat16, enabled=use_amp):
         mean, logvar = model(part["ids"], part["values"], part["errors"], part["mask"], part["query_ids"])
     return part["target_mask"].sum() * gaussian_nll(mean.float(), logvar.float(), part["target"], part["target_err"],
@@ -383,15 +387,26 @@ def parallel_backward(model: StellarTransformer, batch: dict, pool: ThreadPoolEx
     return sum(loss for loss, _ in results) / count
 
 
-def loss_backward(model: StellarTransformer, batch: dict, cfg: TrainConfig, pool: ThreadPoolExecutor | None
-                  ) -> torch.Tensor:
+def token_betas(cfg: TrainConfig, vocab: Vocabulary) -> float | torch.Tensor:
+    """``cfg.nll_beta``, or where the magnitudes get their own, a (len(vocab),) tensor by token id."""
+    if cfg.nll_beta_photometry is None:
+        return cfg.nll_beta
+    beta = torch.full((len(vocab),), cfg.nll_beta)
+    beta[torch.as_tensor(vocab.ids(vocab.group("photometry")))] = cfg.nll_beta_photometry
+    return beta
+
+
+def loss_backward(model: StellarTransformer, batch: dict, cfg: TrainConfig, pool: ThreadPoolExecutor | None,
+                  beta: float | torch.Tensor | None = None) -> torch.Tensor:
     """The training loss of ``batch``, its gradient put in ``.grad``: shared among ``pool``'s threads
     (:func:`worker_pool`), else in ``cfg.n_buckets`` sub-batches on CPU, else (GPU, bf16) in one
-    padded pass, which there beats several small launches."""
+    padded pass, which there beats several small launches. ``beta``: see :func:`token_betas`
+    (default ``cfg.nll_beta``)."""
+    beta = cfg.nll_beta if beta is None else beta
     if pool is not None:
-        return parallel_backward(model, batch, pool, cfg.workers, cfg.n_buckets, cfg.nll_beta)
+        return parallel_backward(model, batch, pool, cfg.workers, cfg.n_buckets, beta)
     on_cpu = batch["values"].device.type == "cpu"
-    loss = batch_loss(model, batch, not on_cpu, cfg.nll_beta, cfg.n_buckets if on_cpu else 1)
+    loss = batch_loss(model, batch, not on_cpu, beta, cfg.n_buckets if on_cpu else 1)
     loss.backward()
     return loss
 
@@ -461,6 +476,8 @@ def train(table: TokenTable, cfg: TrainConfig, resume: bool = False, progress: b
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
     gen = torch.Generator().manual_seed(cfg.seed)
+    beta = token_betas(cfg, vocab)
+    beta = beta.to(device) if torch.is_tensor(beta) else beta
     extra = {"typical_error": typical_errors(train_data, vocab), "data": table.meta.get("name"),
              "trained_tokens": list(table.names),
              "train_config": _config_dict(cfg)}
@@ -495,7 +512,7 @@ def train(table: TokenTable, cfg: TrainConfig, resume: bool = False, progress: b
                 g["lr"] = lr_at(step, cfg)
             batch = _draw(train_data, cfg.batch_size, gen, cfg, device)
             opt.zero_grad(set_to_none=True)
-            loss = loss_backward(model, batch, cfg, pool)
+            loss = loss_backward(model, batch, cfg, pool, beta)
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             step += 1

@@ -151,6 +151,28 @@ def test_sampler_gives_truncated_xp_spectra(small_embedded):
     assert len({n for n, _ in kept}) > 20 and 0.3 < np.mean([g for _, g in kept]) < 0.7
 
 
+def test_magnitudes_can_have_their_own_nll_beta():
+    """token_betas: one beta for all, or the magnitudes' own; gaussian_nll weights each target by
+    its variance to its own beta."""
+    from stellarlm.model import gaussian_nll
+    from stellarlm.training import token_betas
+
+    vocab = Vocabulary.default()
+    assert token_betas(TrainConfig(nll_beta=0.5), vocab) == 0.5
+    beta = token_betas(TrainConfig(nll_beta=0.5, nll_beta_photometry=0.0), vocab)
+    ids = torch.as_tensor(vocab.ids(["teff", "g", "bp_3", "k"]))[None, :]
+    assert beta[ids].tolist() == [[0.5, 0.0, 0.5, 0.0]]
+    mean, logvar = torch.zeros(1, 4), torch.log(torch.full((1, 4), 0.04))
+    target, err, mask = torch.full((1, 4), 0.3), torch.zeros(1, 4), torch.ones(1, 4, dtype=torch.bool)
+    plain = 0.5 * (np.log(0.04) + 0.09 / 0.04)
+    each = [float(gaussian_nll(mean[:, [j]], logvar[:, [j]], target[:, [j]], err[:, [j]], mask[:, [j]],
+                               beta[ids][:, [j]])) for j in range(4)]
+    np.testing.assert_allclose(each, [plain * 0.2, plain, plain * 0.2, plain], rtol=1e-5)
+    same = torch.full((1, 4), 0.5)
+    assert float(gaussian_nll(mean, logvar, target, err, mask, same)) == pytest.approx(
+        float(gaussian_nll(mean, logvar, target, err, mask, 0.5)))
+
+
 def test_bucketed_loss_is_the_single_pass_loss(small_embedded):
     """Running a batch as sub-batches of similar length changes the cost, not the loss or its gradient."""
     t = small_embedded
