@@ -75,10 +75,7 @@ def calibrate(model_dir: str | os.PathLike, inputs: Sequence[str], want: Sequenc
     net, vocab, meta = load_model(model_dir)
     model = StellarLM(net, vocab, {**meta, "sigma_scale": {}})  # fit on the uncalibrated sigmas
     val = load_embedded(cache_dir).subset("val")
-    obs = {}
-    for name in inputs:
-        obs[name], obs[f"{name}_err"] = val.column(name), val.error(name)
-    pred, sigma = ask(model, obs, list(want), batch_size=1024)
+    pred, sigma = ask(model, val.observed(inputs), list(want), batch_size=1024)
     truth = val.select(list(want))
     scale = {name: fit_sigma_scale(pred[:, j], sigma[:, j], truth.values[:, j], truth.errors[:, j], clip)
              for j, name in enumerate(want)}

@@ -130,8 +130,7 @@ def _demo(args) -> int:
     xp = XP_NAMES + ["g"]
     want = ["teff", "logg", "m_h"]
     # each star's own errors, as the Gaia archive gives them (without, a typical error is assumed)
-    observed = {**{n: test.column(n) for n in xp}, **{f"{n}_err": test.error(n) for n in xp}}
-    out = model.query(observed, want)
+    out = model.query(test.observed(xp), want)
     print(f"model {args.model}: {model.meta.get('step')} training steps; query: XP coefficients + G "
           "(with their errors) -> "
           f"{', '.join(want)} for the {len(test)} held-out test stars")

@@ -102,10 +102,7 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
         for method in cfg.methods:
             t0 = time.time()
             if method == "stellarlm":
-                obs = {}
-                for n in inputs:
-                    obs[n], obs[f"{n}_err"] = split["test"].column(n), split["test"].error(n)
-                preds[method], sigmas[method] = ask(model, obs, LABELS, batch_size=4096)
+                preds[method], sigmas[method] = ask(model, split["test"].observed(inputs), LABELS, batch_size=4096)
                 info[method] = {}
             elif method == "xgboost":
                 preds[method], info[method] = xgboost_predict(x["train"], y["train"], x["val"], y["val"], x["test"],

@@ -164,6 +164,13 @@ class TokenTable:
     def error(self, name: str) -> np.ndarray:
         return self.errors[:, self._col(name)]
 
+    def observed(self, names: Sequence[str]) -> dict[str, np.ndarray]:
+        """``names`` and their errors as :meth:`StellarLM.query` takes them (``name``, ``name_err``)."""
+        out = {}
+        for name in names:
+            out[name], out[f"{name}_err"] = self.column(name), self.error(name)
+        return out
+
     def _col(self, name: str) -> int:
         try:
             return self.names.index(name)
