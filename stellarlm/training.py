@@ -387,22 +387,21 @@ def parallel_backward(model: StellarTransformer, batch: dict, pool: ThreadPoolEx
     return sum(loss for loss, _ in results) / count
 
 
-def token_betas(cfg: TrainConfig, vocab: Vocabulary) -> float | torch.Tensor:
+def token_betas(cfg: TrainConfig, vocab: Vocabulary, device: torch.device | str = "cpu") -> float | torch.Tensor:
     """``cfg.nll_beta``, or where the magnitudes get their own, a (len(vocab),) tensor by token id."""
     if cfg.nll_beta_photometry is None:
         return cfg.nll_beta
     beta = torch.full((len(vocab),), cfg.nll_beta)
     beta[torch.as_tensor(vocab.ids(vocab.group("photometry")))] = cfg.nll_beta_photometry
-    return beta
+    return beta.to(device)
 
 
 def loss_backward(model: StellarTransformer, batch: dict, cfg: TrainConfig, pool: ThreadPoolExecutor | None,
-                  beta: float | torch.Tensor | None = None) -> torch.Tensor:
+                  beta: float | torch.Tensor) -> torch.Tensor:
     """The training loss of ``batch``, its gradient put in ``.grad``: shared among ``pool``'s threads
     (:func:`worker_pool`), else in ``cfg.n_buckets`` sub-batches on CPU, else (GPU, bf16) in one
-    padded pass, which there beats several small launches. ``beta``: see :func:`token_betas`
-    (default ``cfg.nll_beta``)."""
-    beta = cfg.nll_beta if beta is None else beta
+    padded pass, which there beats several small launches. ``beta``: :func:`token_betas` of ``cfg``,
+    on the model's device."""
     if pool is not None:
         return parallel_backward(model, batch, pool, cfg.workers, cfg.n_buckets, beta)
     on_cpu = batch["values"].device.type == "cpu"
@@ -476,8 +475,7 @@ def train(table: TokenTable, cfg: TrainConfig, resume: bool = False, progress: b
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
     gen = torch.Generator().manual_seed(cfg.seed)
-    beta = token_betas(cfg, vocab)
-    beta = beta.to(device) if torch.is_tensor(beta) else beta
+    beta = token_betas(cfg, vocab, device)
     extra = {"typical_error": typical_errors(train_data, vocab), "data": table.meta.get("name"),
              "trained_tokens": list(table.names),
              "train_config": _config_dict(cfg)}

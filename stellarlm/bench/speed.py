@@ -55,7 +55,7 @@ def training_rate(model: StellarLM, table: TokenTable, batch_size: int = 128, st
     """Training samples (stars) per second for the model's own architecture and sampler, measured on
     a fresh copy of the network over ``steps`` optimiser steps after one warm-up step."""
     from ..model import StellarTransformer
-    from ..training import NormalisedData, _draw, loss_backward, worker_pool
+    from ..training import NormalisedData, _draw, loss_backward, token_betas, worker_pool
 
     cfg = _trained_config(model.meta, batch_size)
     net = StellarTransformer(model.model.cfg).to(model.device).train()
@@ -63,6 +63,7 @@ def training_rate(model: StellarLM, table: TokenTable, batch_size: int = 128, st
     data = NormalisedData.from_table(table.select([n for n in table.names if n in model.trained_tokens]),
                                      model.vocab)
     gen = torch.Generator().manual_seed(0)
+    beta = token_betas(cfg, model.vocab, model.device)
     on_gpu = model.device.type == "cuda"
     t0 = 0.0
     with worker_pool(cfg.workers, model.device) as pool:
@@ -72,7 +73,7 @@ def training_rate(model: StellarLM, table: TokenTable, batch_size: int = 128, st
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
-            loss_backward(net, _draw(data, batch_size, gen, cfg, model.device), cfg, pool)
+            loss_backward(net, _draw(data, batch_size, gen, cfg, model.device), cfg, pool, beta)
             opt.step()
     if on_gpu:
         torch.cuda.synchronize()
