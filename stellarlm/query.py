@@ -267,12 +267,13 @@ class StellarLM:
         for band, arr, err, n_relevant in (("bp", bp, bp_coefficient_errors, bp_n_relevant_bases),
                                            ("rp", rp, rp_coefficient_errors, rp_n_relevant_bases)):
             keep = _relevant_bases(n_relevant, len(g), f"{band}_n_relevant_bases")
+            scaled = np.where(keep, arr / fg, np.nan)
             for i in range(N_XP):
-                obs[f"{band}_{i}"] = np.where(keep[:, i], arr[:, i] / fg[:, 0], np.nan)
+                obs[f"{band}_{i}"] = scaled[:, i]
             if err is not None:
-                e = np.atleast_2d(err).astype(float) / fg
+                e = np.where(keep, np.atleast_2d(err).astype(float) / fg, np.nan)
                 for i in range(N_XP):
-                    obs[f"{band}_{i}_err"] = np.where(keep[:, i], e[:, i], np.nan)
+                    obs[f"{band}_{i}_err"] = e[:, i]
         return self.query(obs, list(want))
 
 
