@@ -7,7 +7,10 @@ self-attention over the observed tokens (a padding mask lets stars with differen
 tokens share a batch). Each requested name enters the decoder as its own learned query vector and
 cross-attends to the encoded star; queries do not attend to each other, so the answer for
 ``teff`` is the same whichever other names are asked alongside it, and any number of names are
-decoded in one batched pass. The head gives a mean and a log-variance per requested name.
+decoded in one batched pass. The head gives, per requested name, a mixture of ``n_components``
+Gaussians (weights, means, log-variances); with one component, a mean and a log-variance. A
+mixture lets the answer be two-valued where the data are: an XP spectrum that fits a reddened B
+star as well as an F star, or a 5,000 K star that is a red-clump giant or a dwarf.
 
 Spectra are long (110 XP coefficients, 200 LAMOST-like bins) and attention cost grows with the
 number of tokens, so neighbouring tokens of a spectrum may share a *patch* (``patch_of``): the
@@ -41,6 +44,9 @@ class ModelConfig:
     dropout: float = 0.0
     logvar_min: float = -14.0  # normalised units: sigma >= ~1e-3 of a token's scale
     logvar_max: float = 6.0
+    # Gaussians per answer: 1 is a plain mean and variance; more let the predictive distribution
+    # have several modes (see gaussian_nll)
+    n_components: int = 2
     # a learned offset inside the nonlinearity, f(w_i * v + c_i + ...): without it every feature
     # of a token bends at v = 0, so a value enters as little more than two linear pieces
     value_offset: bool = True
@@ -144,7 +150,11 @@ class StellarTransformer(nn.Module):
         self.encoder = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.n_encoder_layers))
         self.encoder_norm = nn.LayerNorm(cfg.d_model)
         self.decoder = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.n_decoder_layers))
-        self.head = nn.Sequential(nn.LayerNorm(cfg.d_model), nn.Linear(cfg.d_model, 2))
+        if cfg.n_components < 1:
+            raise ValueError(f"n_components must be at least 1, not {cfg.n_components}")
+        # per component a mean and a log-variance, and with several a weight's logit
+        n_out = 2 if cfg.n_components == 1 else 3 * cfg.n_components
+        self.head = nn.Sequential(nn.LayerNorm(cfg.d_model), nn.Linear(cfg.d_model, n_out))
         nn.init.normal_(self.query.weight, std=0.5)
         patch_of = torch.arange(cfg.n_vocab) if cfg.patch_of is None else torch.as_tensor(cfg.patch_of)
         if patch_of.shape != (cfg.n_vocab,):
@@ -178,34 +188,62 @@ class StellarTransformer(nn.Module):
             x = block(x, mask)
         return self.encoder_norm(x), mask
 
-    def decode(self, memory: torch.Tensor, mask: torch.Tensor, query_ids: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, Q) requested ids -> mean and log-variance (B, Q) in normalised units."""
+    def decode_mixture(self, memory: torch.Tensor, mask: torch.Tensor, query_ids: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, Q) requested ids -> the predictive mixture in normalised units: means, log-variances
+        and log-weights, each (B, Q, K) for K = ``n_components`` (one component: log-weight 0)."""
         q = self.query(query_ids)
         for block in self.decoder:
             q = block(q, memory, mask)
-        mean, logvar = self.head(q).unbind(-1)
-        return mean, logvar.clamp(self.cfg.logvar_min, self.cfg.logvar_max)
+        out = rearrange(self.head(q), "b q (three k) -> three b q k", three=2 if self.cfg.n_components == 1 else 3)
+        logweight = torch.zeros_like(out[0]) if len(out) == 2 else torch.log_softmax(out[2].float(), -1)
+        return out[0], out[1].clamp(self.cfg.logvar_min, self.cfg.logvar_max), logweight
+
+    def decode(self, memory: torch.Tensor, mask: torch.Tensor, query_ids: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, Q) requested ids -> mean and log-variance (B, Q) in normalised units: the moments of
+        the mixture (:meth:`decode_mixture`)."""
+        return mixture_moments(*self.decode_mixture(memory, mask, query_ids))
 
     def forward(self, ids, values, errors, mask, query_ids):
-        return self.decode(*self.encode(ids, values, errors, mask), query_ids)
+        """The predictive mixture (:meth:`decode_mixture`) of each requested id."""
+        return self.decode_mixture(*self.encode(ids, values, errors, mask), query_ids)
 
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
 
+def mixture_moments(mean: torch.Tensor, logvar: torch.Tensor, logweight: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., K) components -> the mixture's mean and log-variance (...)."""
+    w = logweight.exp()
+    m = (w * mean).sum(-1)
+    var = (w * (logvar.exp() + (mean - m.unsqueeze(-1)).square())).sum(-1)
+    return m, torch.log(var)
+
+
 def gaussian_nll(mean: torch.Tensor, logvar: torch.Tensor, target: torch.Tensor, target_err: torch.Tensor,
-                 mask: torch.Tensor, beta: float | torch.Tensor = 0.0) -> torch.Tensor:
-    """Mean Gaussian negative log-likelihood over ``mask``, with the target's own measurement
-    variance added to the predicted one: the model learns the intrinsic scatter only.
+                 mask: torch.Tensor, beta: float | torch.Tensor = 0.0,
+                 logweight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean Gaussian (or Gaussian-mixture) negative log-likelihood over ``mask``, with the target's
+    own measurement variance added to the predicted one: the model learns the intrinsic scatter only.
+
+    ``mean`` and ``logvar`` are (...) for one Gaussian, or (..., K) with ``logweight`` (..., K) for
+    a mixture of K; the constant log(2 pi) / 2 is left out.
 
     ``beta`` > 0 weights each term by its (total) variance to the power ``beta``, held constant
-    (the beta-NLL of Seitzer et al. 2022): the best variance is unchanged, but a very precise token
-    (a bright star's XP coefficient, sigma ~ 1e-3 of its scale) no longer outweighs a label's
-    gradient by a factor 1/sigma^2, which with gradient clipping slows everything else down.
+    (the beta-NLL of Seitzer et al. 2022; for a mixture, its moment variance): the best variance is
+    unchanged, but a very precise token (a bright star's XP coefficient, sigma ~ 1e-3 of its scale)
+    no longer outweighs a label's gradient by a factor 1/sigma^2, which with gradient clipping slows
+    everything else down.
     """
-    var = logvar.exp() + target_err.square()
-    nll = 0.5 * (torch.log(var) + (target - mean).square() / var)
+    if logweight is None:
+        mean, logvar, logweight = mean.unsqueeze(-1), logvar.unsqueeze(-1), torch.zeros_like(mean).unsqueeze(-1)
+    err2 = target_err.square()
+    var = logvar.exp() + err2.unsqueeze(-1)
+    log_p = logweight - 0.5 * (torch.log(var) + (target.unsqueeze(-1) - mean).square() / var)
+    nll = -torch.logsumexp(log_p, -1)
     if torch.is_tensor(beta) or beta:  # a tensor: one beta per target
-        nll = nll * var.detach() ** beta
+        _, logvar_total = mixture_moments(mean.detach(), logvar.detach(), logweight.detach())
+        nll = nll * (logvar_total.exp() + err2) ** beta
     return (nll * mask).sum() / mask.sum().clamp_min(1)

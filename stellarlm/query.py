@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from .data.gaia_xp import relevant_bases_mask
 from .errors import BadValueError, UnknownTokenError
+from .predictive import Predictive, stack
 from .training import load_model, pick_device
 from .vocab import N_XP, Vocabulary, g_flux
 
@@ -161,9 +162,11 @@ class StellarLM:
         return ids, vn, en, present, empty
 
     # --- queries --------------------------------------------------------------------------------
-    @torch.inference_mode()
     def query(self, observed, want: Sequence[str], batch_size: int = 256, progress: bool | None = None):
         """Predict the ``want`` tokens (mean and 1-sigma) for every star in ``observed``.
+
+        The mean and sigma are the moments of the model's predictive distribution, which may have
+        several modes (:meth:`predictive` gives it whole).
 
         Raises UnknownTokenError for an unknown name (with suggestions), BadValueError for an
         infinite value, a non-1-D column, empty input, a wanted name that is also given, or a
@@ -172,6 +175,33 @@ class StellarLM:
         from astropy.table import Table
         import astropy.units as u
 
+        answer, passthrough = self._answer(observed, want, batch_size, progress)
+        mean, sigma = answer.moments()
+        out = Table()
+        for k, col in passthrough.items():
+            out[k] = col
+        for j, name in enumerate(answer.names):
+            unit = self.vocab[name].unit
+            out[name] = mean[:, j]
+            out[f"{name}_err"] = sigma[:, j]
+            if unit:
+                out[name].unit = out[f"{name}_err"].unit = u.Unit(unit)
+        return out
+
+    def predictive(self, observed, want: Sequence[str], batch_size: int = 256,
+                   progress: bool | None = None) -> Predictive:
+        """The whole predictive distribution of each ``want`` token, a mixture of Gaussians in
+        physical units (:class:`stellarlm.predictive.Predictive`): its median, quantiles and draws.
+        Same inputs and errors as :meth:`query`, whose mean and sigma are its moments.
+
+        >>> p = model.predictive({"teff": [5000.0], "m_h": [0.0]}, ["logg"])   # doctest: +SKIP
+        >>> p.median(), p.weight                                                 # doctest: +SKIP
+        """
+        return self._answer(observed, want, batch_size, progress)[0]
+
+    @torch.inference_mode()
+    def _answer(self, observed, want, batch_size: int, progress: bool | None) -> tuple[Predictive, dict]:
+        """The calibrated predictive mixture of ``want`` for each star, and the pass-through columns."""
         want = [want] if isinstance(want, str) else list(want)
         if not want:
             raise BadValueError("want is empty: name at least one token to predict")
@@ -182,29 +212,24 @@ class StellarLM:
         if both:
             raise BadValueError(f"{both} are both given and wanted; drop them from one of the two")
         ids, vn, en, present, empty = self._encode_inputs(values, errors, n)
-        mean = np.full((n, len(want)), np.nan)
-        sigma = np.full((n, len(want)), np.nan)
         show = progress if progress is not None else n > 50_000
         q_ids = torch.as_tensor(want_ids, device=self.device)
+        parts = []
         for start in tqdm(range(0, n, batch_size), desc="query", unit="batch", disable=not show):
             sl = slice(start, start + batch_size)
-            m, s = self._predict(ids, vn[sl], en[sl], present[sl], q_ids)
-            mean[sl], sigma[sl] = m, s * self._sigma_scale[want_ids]
-        mean, sigma = self.vocab.denormalise(mean, want_ids, sigma)
-        mean[empty], sigma[empty] = np.nan, np.nan
-        out = Table()
-        for k, col in passthrough.items():
-            out[k] = col
-        for j, name in enumerate(want):
-            unit = self.vocab[name].unit
-            out[name] = mean[:, j]
-            out[f"{name}_err"] = sigma[:, j]
-            if unit:
-                out[name].unit = out[f"{name}_err"].unit = u.Unit(unit)
-        return out
+            weight, mean, sigma = self._predict(ids, vn[sl], en[sl], present[sl], q_ids)
+            # each component to physical units on its own: the normalisation is not linear
+            # (Vocabulary.normalise), so a wide mixture's moments are taken after it
+            mean, sigma = self.vocab.denormalise(mean, want_ids[:, None], sigma)
+            parts.append(Predictive(want, weight, mean, sigma))
+        answer = stack(parts).widened(self._sigma_scale[want_ids])
+        for a in (answer.weight, answer.mean, answer.sigma):
+            a[empty] = np.nan
+        return answer, passthrough
 
     def _predict(self, ids, vn, en, present, q_ids):
-        """One batch: pack each star's present tokens to the left (order is irrelevant to the model)."""
+        """One batch -> the mixture's (b, Q, K) weights, means and sigmas in normalised units. Each
+        star's present tokens are packed to the left (order is irrelevant to the model)."""
         b = len(vn)
         counts = present.sum(1)
         width = max(int(counts.max()), 1)
@@ -218,8 +243,9 @@ class StellarLM:
         memory, memory_mask = self.model.encode(
             torch.as_tensor(tok, device=dev), torch.as_tensor(val, dtype=torch.float32, device=dev),
             torch.as_tensor(err, dtype=torch.float32, device=dev), torch.as_tensor(mask, device=dev))
-        mean, logvar = self.model.decode(memory, memory_mask, q_ids.expand(b, -1))
-        return mean.float().cpu().numpy(), torch.exp(0.5 * logvar.float()).cpu().numpy()
+        mean, logvar, logweight = self.model.decode_mixture(memory, memory_mask, q_ids.expand(b, -1))
+        numpy = [x.double().cpu().numpy() for x in (logweight.exp(), mean, torch.exp(0.5 * logvar.double()))]
+        return numpy[0] / numpy[0].sum(-1, keepdims=True), numpy[1], numpy[2]
 
     def embed(self, observed, batch_size: int = 4096) -> np.ndarray:
         """A fixed-length vector per star (mean of the encoded tokens) for similarity search."""

@@ -281,8 +281,8 @@ def load_model(directory: str | os.PathLike, vocab: Vocabulary | None = None
         if meta.get("format") != "stellarlm-model":
             raise ValueError("missing format tag 'stellarlm-model'")
         ckpt_vocab = Vocabulary.from_json(json.dumps(meta["vocabulary"]))
-        # models written before the option existed were trained without the value offset
-        cfg = ModelConfig(**{"value_offset": False, **meta["config"]})
+        # models written before these options existed: no value offset, one Gaussian per answer
+        cfg = ModelConfig(**{"value_offset": False, "n_components": 1, **meta["config"]})
     except (ValueError, KeyError, TypeError) as exc:
         raise DataFileError(meta_path, f"not a stellarlm model description ({exc})") from exc
     if vocab is not None:
@@ -344,19 +344,19 @@ def _buckets(model: StellarTransformer, batch: dict, n: int):
 
 
 def _nll_sum(model: StellarTransformer, part: dict, beta: float | torch.Tensor, use_amp: bool) -> torch.Tensor:
-    """Summed (not mean) Gaussian NLL of one (sub-)batch's targets; ``beta``: one number, or one per
-    token id (:func:`token_betas`)."""
+    """Summed (not mean) NLL (:func:`model.gaussian_nll`) of one (sub-)batch's targets; ``beta``: one
+    number, or one per token id (:func:`token_betas`)."""
     if torch.is_tensor(beta):
         beta = beta[part["query_ids"]]
     with torch.autocast(part["values"].device.type, dtype=torch.bfloat16, enabled=use_amp):
-        mean, logvar = model(part["ids"], part["values"], part["errors"], part["mask"], part["query_ids"])
+        mean, logvar, logweight = model(part["ids"], part["values"], part["errors"], part["mask"], part["query_ids"])
     return part["target_mask"].sum() * gaussian_nll(mean.float(), logvar.float(), part["target"], part["target_err"],
-                                                    part["target_mask"], beta)
+                                                    part["target_mask"], beta, logweight.float())
 
 
 def batch_loss(model: StellarTransformer, batch: dict, use_amp: bool = False, beta: float = 0.0,
                n_buckets: int = 1) -> torch.Tensor:
-    """Gaussian NLL of a batch from :func:`sample_batch` (forward pass in bf16 when ``use_amp``),
+    """NLL of a batch from :func:`sample_batch` (forward pass in bf16 when ``use_amp``),
     averaged over all its targets; ``n_buckets`` > 1 runs it as that many sub-batches (:func:`_buckets`)."""
     total = sum(_nll_sum(model, part, beta, use_amp) for part in _buckets(model, batch, n_buckets))
     return total / batch["target_mask"].sum().clamp_min(1)

@@ -58,10 +58,10 @@ def test_network_is_permutation_invariant():
     mask = torch.ones(3, 12, dtype=torch.bool)
     q = torch.tensor([[1, 2, 3]] * 3)
     perm = torch.randperm(12)
-    m1, v1 = net(ids, vals, errs, mask, q)
-    m2, v2 = net(ids[:, perm], vals[:, perm], errs[:, perm], mask, q)
-    torch.testing.assert_close(m1, m2, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(v1, v2, rtol=1e-5, atol=1e-6)
+    before = net(ids, vals, errs, mask, q)  # the mixture: means, log-variances, log-weights
+    after = net(ids[:, perm], vals[:, perm], errs[:, perm], mask, q)
+    for x, y in zip(before, after):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 
 
 def test_missing_tokens_are_never_inputs_or_targets(small_embedded):
@@ -250,15 +250,15 @@ def test_checkpoint_round_trip(tiny_model, small_embedded):
     assert meta["step"] == 400 and meta["vocabulary"]["tokens"][110]["name"] == "teff"
 
 
-def test_models_from_before_the_value_offset_still_load(tmp_path):
+def test_models_from_before_the_value_offset_and_the_mixture_still_load(tmp_path):
     vocab = Vocabulary.default()
-    old = StellarTransformer(ModelConfig(n_vocab=len(vocab), value_offset=False, **TINY))
+    old = StellarTransformer(ModelConfig(n_vocab=len(vocab), value_offset=False, n_components=1, **TINY))
     save_model(tmp_path, old, vocab, {})
     meta = json.loads((tmp_path / "model.json").read_text())
-    del meta["config"]["value_offset"]  # as written by stellarlm before the option existed
+    del meta["config"]["value_offset"], meta["config"]["n_components"]  # as written before the options existed
     (tmp_path / "model.json").write_text(json.dumps(meta))
     loaded, _, _ = load_model(tmp_path)
-    assert loaded.embed.offset is None
+    assert loaded.embed.offset is None and loaded.cfg.n_components == 1
     for a, b in zip(old.state_dict().values(), loaded.state_dict().values()):
         torch.testing.assert_close(a, b)
 

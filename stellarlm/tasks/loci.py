@@ -1,9 +1,11 @@
 """Stellar loci: where stars of a given Teff and [M/H] lie in logg (the Kiel diagram), and back.
 
-The model's answer to "logg given Teff and [M/H]" is a Gaussian (mean, sigma): its predictive
-distribution over all the stars of the training data with those labels. Where that population is
-bimodal (at 5000 K both red-clump giants near logg 2.5 and dwarfs near 4.6), a single Gaussian
-can only straddle the two; the comparison with the data's running median shows where.
+The model's answer to "logg given Teff and [M/H]" is its predictive distribution over all the
+stars of the training data with those labels: a mixture of Gaussians
+(:class:`stellarlm.predictive.Predictive`). Where that population is bimodal (at 5000 K both
+red-clump giants near logg 2.5 and dwarfs near 4.6), its mean straddles the two modes while its
+median sits in the larger one, so the locus is the median, the statistic set beside the data's
+running median. A model with one Gaussian per answer has median = mean.
 
 Example
 -------
@@ -19,32 +21,35 @@ from __future__ import annotations
 import numpy as np
 
 from ..query import StellarLM
-from . import ask
+from ..predictive import Predictive
+
+
+def _given(teff_or_logg: str, x: np.ndarray, m_h: float, alpha_m: float | None = None) -> dict:
+    x = np.atleast_1d(np.asarray(x, dtype=np.float64))
+    given = {teff_or_logg: x, "m_h": np.full(len(x), m_h)}
+    if alpha_m is not None:
+        given["alpha_m"] = np.full(len(x), alpha_m)
+    return given
+
+
+def _median_and_sigma(answer: Predictive) -> tuple[np.ndarray, np.ndarray]:
+    return answer.median()[:, 0], answer.moments()[1][:, 0]
 
 
 def kiel_locus(model: StellarLM, teff: np.ndarray, m_h: float, alpha_m: float | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and 1-sigma of logg at each ``teff`` (K) for metallicity ``m_h`` (dex)."""
-    teff = np.atleast_1d(np.asarray(teff, dtype=np.float64))
-    given = {"teff": teff, "m_h": np.full(len(teff), m_h)}
-    if alpha_m is not None:
-        given["alpha_m"] = np.full(len(teff), alpha_m)
-    mean, sigma = ask(model, given, ["logg"])
-    return mean[:, 0], sigma[:, 0]
+    """Median and 1-sigma (standard deviation) of logg at each ``teff`` (K) for metallicity ``m_h`` (dex)."""
+    return _median_and_sigma(model.predictive(_given("teff", teff, m_h, alpha_m), ["logg"], batch_size=1024))
 
 
 def teff_locus(model: StellarLM, logg: np.ndarray, m_h: float) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and 1-sigma of Teff (K) at each ``logg`` (dex) for metallicity ``m_h``: the other direction."""
-    logg = np.atleast_1d(np.asarray(logg, dtype=np.float64))
-    mean, sigma = ask(model, {"logg": logg, "m_h": np.full(len(logg), m_h)}, ["teff"])
-    return mean[:, 0], sigma[:, 0]
+    """Median and 1-sigma of Teff (K) at each ``logg`` (dex) for metallicity ``m_h``: the other direction."""
+    return _median_and_sigma(model.predictive(_given("logg", logg, m_h), ["teff"], batch_size=1024))
 
 
 def sample_logg(model: StellarLM, teff: np.ndarray, m_h: float, n_samples: int, seed: int = 0) -> np.ndarray:
     """(len(teff), n_samples) draws of logg from the model's predictive distribution."""
-    mean, sigma = kiel_locus(model, teff, m_h)
-    rng = np.random.default_rng(seed)
-    return mean[:, None] + sigma[:, None] * rng.standard_normal((len(mean), n_samples))
+    return model.predictive(_given("teff", teff, m_h), ["logg"], batch_size=1024).sample(n_samples, seed)[:, 0]
 
 
 def running_median(x: np.ndarray, y: np.ndarray, edges: np.ndarray, min_count: int = 10) -> np.ndarray:

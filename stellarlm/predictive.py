@@ -1,0 +1,101 @@
+"""The model's whole answer for a token: a mixture of Gaussians, in physical units.
+
+:meth:`stellarlm.StellarLM.query` reports each answer's mean and standard deviation. Where the
+data allow two answers (an XP spectrum that fits an F star and a reddened B star; at 5,000 K a
+red-clump giant near logg 2.5 or a dwarf near 4.6), those two numbers straddle the modes, and
+:meth:`stellarlm.StellarLM.predictive` gives the mixture itself: its weights, its components, its
+median and quantiles, and draws from it.
+
+Example
+-------
+>>> import numpy as np
+>>> from stellarlm.predictive import Predictive
+>>> p = Predictive(["logg"], weight=np.array([[[0.7, 0.3]]]), mean=np.array([[[2.5, 4.6]]]),
+...                sigma=np.array([[[0.1, 0.1]]]))
+>>> mean, std = p.moments()
+>>> round(float(mean[0, 0]), 2), round(float(std[0, 0]), 2), round(float(p.median()[0, 0]), 2)
+(3.13, 0.97, 2.56)
+>>> p.sample(4, seed=0).shape   # (stars, names, draws)
+(1, 1, 4)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Predictive:
+    """``weight``, ``mean``, ``sigma``: (n_stars, n_names, n_components) arrays in each name's
+    physical unit; the weights of a star's answer sum to 1. NaN rows: stars with no input."""
+
+    names: list[str]
+    weight: np.ndarray
+    mean: np.ndarray
+    sigma: np.ndarray
+
+    def __post_init__(self):
+        self.names = list(self.names)
+        shapes = {a.shape for a in (self.weight, self.mean, self.sigma)}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 3 or next(iter(shapes))[1] != len(self.names):
+            raise ValueError(f"weight, mean and sigma must share one (n_stars, {len(self.names)}, n_components) "
+                             f"shape, got {[a.shape for a in (self.weight, self.mean, self.sigma)]}")
+
+    def moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """(n_stars, n_names) mean and standard deviation of each answer."""
+        m = (self.weight * self.mean).sum(-1)
+        var = (self.weight * (self.sigma ** 2 + (self.mean - m[..., None]) ** 2)).sum(-1)
+        return m, np.sqrt(var)
+
+    def widened(self, factor: np.ndarray) -> Predictive:
+        """Each answer stretched about its mean by ``factor`` (one per name): its standard
+        deviation times ``factor``, its shape and mean unchanged (how a calibration applies)."""
+        f = np.asarray(factor, dtype=np.float64)[None, :, None]
+        centre = self.moments()[0][..., None]
+        return Predictive(self.names, self.weight, centre + f * (self.mean - centre), f * self.sigma)
+
+    def cdf(self, x: np.ndarray) -> np.ndarray:
+        """P(value <= x) for (n_stars, n_names) ``x``."""
+        z = (np.asarray(x, dtype=np.float64)[..., None] - self.mean) / self.sigma
+        return (self.weight * torch.special.ndtr(torch.from_numpy(z)).numpy()).sum(-1)
+
+    def quantile(self, q: float, n_iter: int = 60) -> np.ndarray:
+        """The ``q`` quantile (0 < q < 1) of each answer, (n_stars, n_names), by bisection."""
+        if not 0.0 < q < 1.0:
+            raise ValueError(f"q must lie strictly between 0 and 1, not {q}")
+        lo = (self.mean - 10 * self.sigma).min(-1)
+        hi = (self.mean + 10 * self.sigma).max(-1)
+        for _ in range(n_iter):
+            mid = 0.5 * (lo + hi)
+            below = self.cdf(mid) < q
+            lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
+        return 0.5 * (lo + hi)
+
+    def median(self) -> np.ndarray:
+        """(n_stars, n_names) median of each answer: the statistic to set beside a running median."""
+        return self.quantile(0.5)
+
+    def sample(self, n_samples: int, seed: int | None = None) -> np.ndarray:
+        """(n_stars, n_names, n_samples) draws from each answer."""
+        rng = np.random.default_rng(seed)
+        cum = np.cumsum(self.weight, -1)
+        u = rng.random(self.weight.shape[:2] + (n_samples,))
+        k = np.minimum((u[..., None] > cum[:, :, None, :]).sum(-1), self.weight.shape[-1] - 1)
+        mu = np.take_along_axis(self.mean, k, -1)
+        sd = np.take_along_axis(self.sigma, k, -1)
+        return mu + sd * rng.standard_normal(mu.shape)
+
+    def __getitem__(self, name: str) -> Predictive:
+        """The answer for one name (keeps the names axis, of length 1)."""
+        j = self.names.index(name)
+        return Predictive([name], self.weight[:, [j]], self.mean[:, [j]], self.sigma[:, [j]])
+
+
+def stack(parts: Sequence[Predictive]) -> Predictive:
+    """Star batches -> one Predictive (same names)."""
+    return Predictive(parts[0].names, *(np.concatenate([getattr(p, k) for p in parts])
+                                        for k in ("weight", "mean", "sigma")))
