@@ -79,7 +79,7 @@ class TrainConfig:
     # of the modality subsets, the share that give only the first n XP coefficients of each band (n
     # random, + G half the time): spectra truncated to Gaia's n_relevant_bases, and
     # inpainting of the higher orders
-    p_truncated: float = 0.08
+    p_truncated: float = 0.2
     # CPU: stars sorted by their number of encoder patches and run in this many sub-batches, each
     # padded to its own width: the same loss, less padding (XP alone is 23 patches, everything 44)
     n_buckets: int = 8
