@@ -14,7 +14,7 @@ import numpy as np
 
 from stellarlm import StellarLM, load_embedded
 from stellarlm.cli import DEFAULT_MODEL
-from stellarlm.tasks.loci import kiel_locus, running_median, sample_logg
+from stellarlm.tasks.loci import running_median
 
 
 def main() -> None:
@@ -33,12 +33,12 @@ def main() -> None:
     for ax, value in zip(axes, metallicities):
         sel = np.abs(m_h - value) < 0.15
         ax.scatter(teff[sel], logg[sel], s=2, c="0.6", label=f"test stars, |[M/H] - {value:+.1f}| < 0.15")
-        median, _ = kiel_locus(model, grid, value)
-        draws = sample_logg(model, grid, value, n_samples=20, seed=1)
-        # the answer may have two modes (giants and dwarfs): a quantile band, not mean +- sigma
+        # the whole answer once: its median is kiel_locus's locus, its draws sample_logg's; it may
+        # have two modes (giants and dwarfs), so the band is 16-84%, not mean +- sigma
         answer = model.predictive({"teff": grid, "m_h": np.full(len(grid), value)}, ["logg"])
+        draws = answer.sample(20, seed=1)[:, 0]
         ax.scatter(np.repeat(grid, 20), draws.ravel(), s=1, c="C1", alpha=0.4, label="samples from the model")
-        ax.plot(grid, median, "C3", label="model median, 16-84%")
+        ax.plot(grid, answer.median()[:, 0], "C3", label="model median, 16-84%")
         ax.fill_between(grid, answer.quantile(0.16)[:, 0], answer.quantile(0.84)[:, 0], color="C3", alpha=0.2)
         ax.plot(0.5 * (edges[:-1] + edges[1:]), running_median(teff[sel], logg[sel], edges), "k.-", label="data running median")
         ax.set_xlim(6800, 3600)

@@ -199,12 +199,6 @@ class StellarTransformer(nn.Module):
         logweight = torch.zeros_like(out[0]) if len(out) == 2 else torch.log_softmax(out[2].float(), -1)
         return out[0], out[1].clamp(self.cfg.logvar_min, self.cfg.logvar_max), logweight
 
-    def decode(self, memory: torch.Tensor, mask: torch.Tensor, query_ids: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, Q) requested ids -> mean and log-variance (B, Q) in normalised units: the moments of
-        the mixture (:meth:`decode_mixture`)."""
-        return mixture_moments(*self.decode_mixture(memory, mask, query_ids))
-
     def forward(self, ids, values, errors, mask, query_ids):
         """The predictive mixture (:meth:`decode_mixture`) of each requested id."""
         return self.decode_mixture(*self.encode(ids, values, errors, mask), query_ids)
