@@ -58,6 +58,13 @@ class Predictive:
         centre = self.moments()[0][..., None]
         return Predictive(self.names, self.weight, centre + f * (self.mean - centre), f * self.sigma)
 
+    def convolved(self, error: np.ndarray) -> Predictive:
+        """The answer as a measurement with Gaussian ``error`` (n_stars, n_names; NaN: none) would
+        see it: each component's sigma added in quadrature with the error. Set beside a measured
+        value, e.g. to ask where APOGEE's Teff, with its own error, falls in the answer."""
+        e = np.nan_to_num(np.asarray(error, dtype=np.float64))[..., None]
+        return Predictive(self.names, self.weight, self.mean, np.sqrt(self.sigma ** 2 + e ** 2))
+
     def cdf(self, x: np.ndarray) -> np.ndarray:
         """P(value <= x) for (n_stars, n_names) ``x``."""
         z = (np.asarray(x, dtype=np.float64)[..., None] - self.mean) / self.sigma

@@ -58,7 +58,7 @@ STATE_FILE = "train_state.pt"
 class TrainConfig:
     out_dir: str = "runs/default"
     # defaults: the shipped models/default (see its README)
-    steps: int = 14500
+    steps: int = 14000
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.01
@@ -80,6 +80,10 @@ class TrainConfig:
     # random, + G half the time): spectra truncated to Gaia's n_relevant_bases, and
     # inpainting of the higher orders
     p_truncated: float = 0.2
+    # of those truncated subsets, the share whose questions are all about the missing XP
+    # coefficients (the rest ask about anything not given, like every other subset): most of a
+    # truncated spectrum's questions would otherwise go to the labels, photometry and LAMOST-like bins
+    p_truncated_inpaint: float = 0.5
     # CPU: stars sorted by their number of encoder patches and run in this many sub-batches, each
     # padded to its own width: the same loss, less padding (XP alone is 23 patches, everything 44)
     n_buckets: int = 8
@@ -154,14 +158,15 @@ def _block_of(token) -> str:
 def sample_batch(data: NormalisedData, rows: torch.Tensor, gen: torch.Generator, max_targets: int,
                  p_group: float, max_inputs: int = 1_000_000, p_alone: float = 0.5,
                  p_xp: float | None = None, p_half: float = 0.5, input_noise: float = 0.0,
-                 p_truncated: float = 0.0) -> dict[str, torch.Tensor]:
+                 p_truncated: float = 0.0, p_truncated_inpaint: float = 0.0) -> dict[str, torch.Tensor]:
     """Random input/target subsets for ``rows``; returns padded tensors and masks (see module doc).
 
     ``input_noise`` k > 0 adds Gaussian noise of k times each given value's error to it, and tells
     the network the total error, sqrt(1 + k^2) times the error: a new noisy copy of the star each
     time it is drawn. Targets are left as measured. ``p_truncated``: the share of the modality
     subsets that give instead the first n coefficients of each XP band (n from 1 to 54, + G half
-    the time).
+    the time); ``p_truncated_inpaint``: the share of those whose targets are all missing XP
+    coefficients.
     """
     v, e = data.values[rows], data.errors[rows]
     avail = torch.isfinite(v)
@@ -195,10 +200,17 @@ def sample_batch(data: NormalisedData, rows: torch.Tensor, gen: torch.Generator,
         n_kept = torch.randint(1, N_XP, (b, 1), generator=gen)
         with_g = data.g_block[data.block][None, :] & (torch.rand(b, 1, generator=gen) < 0.5)
         truncated = ((data.xp_order >= 0) & (data.xp_order < n_kept)) | with_g
-        token_given = torch.where(torch.rand(b, 1, generator=gen) < p_truncated, truncated & avail, token_given)
+        is_truncated = torch.rand(b, 1, generator=gen) < p_truncated
+        token_given = torch.where(is_truncated, truncated & avail, token_given)
+        ask_missing = (is_truncated & (torch.rand(b, 1, generator=gen) < p_truncated_inpaint)
+                       & (data.xp_order >= 0)[None, :] & ~truncated)
     n_given = token_given.sum(1)
     use_group &= (n_given > 0) & (n_given < n_avail)
     key = torch.where(use_group[:, None] & token_given, key + 1e6, key)
+    if p_truncated > 0 and data.xp_source is not None:
+        # the missing coefficients rank after the given tokens and before the rest, so they are the
+        # targets: keys are >= log(1e-12) * group size, far above -1e5
+        key = torch.where(use_group[:, None] & ask_missing, key + 1e5, key)
     key = key.masked_fill(~avail, -math.inf)
     order = torch.argsort(key, dim=1, descending=True)
     n_rand = (torch.rand(b, generator=gen) * (n_avail - 1).clamp_min(1)).long() + 1
@@ -322,7 +334,7 @@ def _draw(data: NormalisedData, n: int, gen: torch.Generator, cfg: TrainConfig, 
     """``n`` random stars (with replacement) with random input/target subsets, on ``device``."""
     rows = torch.randint(len(data), (n,), generator=gen)
     batch = sample_batch(data, rows, gen, cfg.max_targets, cfg.p_group, cfg.max_inputs, cfg.p_alone, cfg.p_xp,
-                         cfg.p_half, cfg.input_noise, cfg.p_truncated)
+                         cfg.p_half, cfg.input_noise, cfg.p_truncated, cfg.p_truncated_inpaint)
     return {k: x.to(device) for k, x in batch.items()}
 
 

@@ -86,6 +86,25 @@ def test_predictive_moments_quantiles_draws_and_widening():
         Predictive(["logg"], p.weight, p.mean, p.sigma)
 
 
+def test_coverage_of_a_two_mode_answer_comes_from_its_own_intervals():
+    """Truths drawn from a two-mode answer (plus their own measurement error) fall inside the
+    answer's central 68% and 95% intervals 68% and 95% of the time; mean +- sigma, which straddles
+    the modes, covers only about half."""
+    from stellarlm.bench.metrics import calibration_metrics
+
+    n = 20_000
+    p = Predictive(["x"], weight=np.full((n, 1, 2), 0.5), mean=np.tile([-3.0, 3.0], (n, 1, 1)),
+                   sigma=np.full((n, 1, 2), 0.4))
+    err = np.full((n, 1), 0.3)
+    truth = p.convolved(err).sample(1, seed=1)[..., 0]
+    assert np.std(truth) == pytest.approx(np.sqrt(9 + 0.16 + 0.09), rel=0.02)
+    mean, std = p.moments()
+    gauss = calibration_metrics(mean[:, 0], std[:, 0], truth[:, 0], err[:, 0])
+    own = calibration_metrics(mean[:, 0], std[:, 0], truth[:, 0], err[:, 0], p.convolved(err).cdf(truth)[:, 0])
+    assert own["coverage_68"] == pytest.approx(0.683, abs=0.01) and own["coverage_95"] == pytest.approx(0.95, abs=0.01)
+    assert gauss["coverage_68"] < 0.6 and own["z_std"] == gauss["z_std"]
+
+
 def test_query_reports_the_moments_of_the_predictive_distribution(tiny_model, small_embedded):
     model, _ = tiny_model
     held = small_embedded.subset("val").subset(slice(0, 20))

@@ -151,6 +151,28 @@ def test_sampler_gives_truncated_xp_spectra(small_embedded):
     assert len({n for n, _ in kept}) > 20 and 0.3 < np.mean([g for _, g in kept]) < 0.7
 
 
+def test_truncated_spectra_can_ask_for_their_missing_coefficients(small_embedded):
+    """p_truncated_inpaint = 1: a truncated spectrum's questions are XP coefficients above its
+    prefix, as many as there are; at 0 many of them go to the other tokens (here Teff and logg)."""
+    t = small_embedded.select(XP_G + ["teff", "logg"])
+    data = NormalisedData.from_table(t, t.vocab)
+    rows = torch.arange(len(data))[:200]
+    order = dict(zip(t.vocab.ids(t.names).tolist(), data.xp_order.tolist()))
+    share = {}
+    for p in (0.0, 1.0):
+        b = sample_batch(data, rows, torch.Generator().manual_seed(8), max_targets=8, p_group=1.0,
+                         p_truncated=1.0, p_truncated_inpaint=p)
+        asked_xp, could = 0, 0
+        for r in range(len(rows)):
+            n = max([order[i] for i in b["ids"][r][b["mask"][r]].tolist() if order[i] >= 0], default=-1) + 1
+            q = [order[i] for i in b["query_ids"][r][b["target_mask"][r]].tolist()]
+            assert all(o < 0 or o >= n for o in q)  # never asked about what it was given
+            missing = int(((data.xp_order >= n) & torch.isfinite(data.values[rows[r]])).sum())
+            asked_xp, could = asked_xp + sum(o >= n for o in q), could + min(len(q), missing)
+        share[p] = asked_xp / could
+    assert share[1.0] == 1.0 and share[0.0] < 0.9, share
+
+
 def test_magnitudes_can_have_their_own_nll_beta():
     """token_betas: one beta for all, or the magnitudes' own; gaussian_nll weights each target by
     its variance to its own beta."""

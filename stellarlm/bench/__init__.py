@@ -64,7 +64,6 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
     """Run the benchmark; write ``bench.json``, ``bench.md`` and PNG plots to ``cfg.out_dir``."""
     from ..data.embedded import load_embedded
     from ..query import StellarLM
-    from ..tasks import ask
     from .baselines import knn_predict, mlp_predict, xgboost_predict
     from .plots import predicted_vs_true, z_histograms
     from .speed import inference_rate, machine, training_rate
@@ -98,11 +97,13 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
         description, inputs = INPUT_SETS[key]
         log(f"[bench] {description}: {', '.join(cfg.methods)}")
         x = {s: split[s].select(inputs).values.astype(np.float64) for s in split}
-        preds, sigmas, info = {}, {}, {}
+        preds, sigmas, info, pits = {}, {}, {}, {}
         for method in cfg.methods:
             t0 = time.time()
             if method == "stellarlm":
-                preds[method], sigmas[method] = ask(model, split["test"].observed(inputs), LABELS, batch_size=4096)
+                answer = model.predictive(split["test"].observed(inputs), LABELS, batch_size=4096)
+                preds[method], sigmas[method] = answer.moments()
+                pits[method] = answer.convolved(e["test"]).cdf(y["test"])
                 info[method] = {}
             elif method == "xgboost":
                 preds[method], info[method] = xgboost_predict(x["train"], y["train"], x["val"], y["val"], x["test"],
@@ -124,7 +125,8 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
                      "teff_bins": binned_metrics(p, t, by["teff"], TEFF_BINS),
                      "g_bins": binned_metrics(p, t, by["g"], G_BINS)}
                 if method in sigmas:
-                    m["calibration"] = calibration_metrics(p, sigmas[method][:, j], t, e["test"][:, j])
+                    m["calibration"] = calibration_metrics(p, sigmas[method][:, j], t, e["test"][:, j],
+                                                           pits[method][:, j] if method in pits else None)
                 per_label[label] = m
             entry["methods"][method] = {"labels": per_label, "info": info[method]}
         result["input_sets"][key] = entry
@@ -201,7 +203,9 @@ def to_markdown(result: dict) -> str:
                              f"{100 * o['outlier_fraction']:.1f}%)")
             lines.append(f"| {entry['description']} | {method} | " + " | ".join(cells) + " |")
     lines += ["", "**Calibration**: std of z = (pred - APOGEE) / sqrt(σ_pred² + σ_APOGEE²), and the fraction "
-              "of stars with |z| < 1 and < 1.96 (0.68 and 0.95 when calibrated).", "",
+              "of stars inside the central 68% and 95% intervals (0.68 and 0.95 when calibrated): for stellarlm "
+              "the intervals of its predictive mixture (APOGEE's error folded in), for the MLP |z| < 1 and < 1.96.",
+              "",
               "| inputs | method | " + " | ".join(LABEL_HEAD[x] for x in labels) + " |",
               "|---|---|" + "---|" * len(labels)]
     for entry in result["input_sets"].values():
