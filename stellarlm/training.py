@@ -17,6 +17,10 @@ mixed:
   it in 43%: on the validation split, after the same 6 minutes of training, Teff from XP + G went
   from 206 K to 132 K (the default model's README has the runs). The default is now 54%.
 
+A share ``p_truncated`` of the modality subsets give instead an XP spectrum truncated to its first
+n coefficients per band (as Gaia's ``n_relevant_bases`` does), and a share ``p_truncated_inpaint``
+of those ask only about the missing coefficients (inpainting the high orders).
+
 Targets are ordered by weighted sampling (Efraimidis & Spirakis 2006) with weight 1/group size,
 so the four labels are asked for as often as the 200 LAMOST bins.
 
