@@ -200,6 +200,7 @@ def sample_batch(data: NormalisedData, rows: torch.Tensor, gen: torch.Generator,
     alone = data.sources[source] | (data.g_block[None, :] & (torch.rand(b, 1, generator=gen) < 0.5))
     given = torch.where((torch.rand(b, 1, generator=gen) < p_alone), alone, given)
     token_given = given[:, data.block] & avail
+    ask_missing = torch.zeros_like(avail)  # XP coefficients a truncated spectrum asks about first
     if p_truncated > 0 and data.xp_source is not None:
         n_kept = torch.randint(1, N_XP, (b, 1), generator=gen)
         with_g = data.g_block[data.block][None, :] & (torch.rand(b, 1, generator=gen) < 0.5)
@@ -211,10 +212,9 @@ def sample_batch(data: NormalisedData, rows: torch.Tensor, gen: torch.Generator,
     n_given = token_given.sum(1)
     use_group &= (n_given > 0) & (n_given < n_avail)
     key = torch.where(use_group[:, None] & token_given, key + 1e6, key)
-    if p_truncated > 0 and data.xp_source is not None:
-        # the missing coefficients rank after the given tokens and before the rest, so they are the
-        # targets: keys are >= log(1e-12) * group size, far above -1e5
-        key = torch.where(use_group[:, None] & ask_missing, key + 1e5, key)
+    # the missing coefficients rank after the given tokens and before the rest, so they are the
+    # targets: keys are >= log(1e-12) * group size, far above -1e5
+    key = torch.where(use_group[:, None] & ask_missing, key + 1e5, key)
     key = key.masked_fill(~avail, -math.inf)
     order = torch.argsort(key, dim=1, descending=True)
     n_rand = (torch.rand(b, generator=gen) * (n_avail - 1).clamp_min(1)).long() + 1

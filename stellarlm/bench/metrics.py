@@ -51,7 +51,7 @@ def calibration_metrics(pred: np.ndarray, sigma: np.ndarray, truth: np.ndarray, 
     if pit is None:
         inside = {68: np.abs(z) < 1.0, 95: np.abs(z) < 1.96}
     else:
-        ok = np.isfinite(pred) & np.isfinite(truth) & np.isfinite(sigma)
+        ok = _all_known(pred, sigma, truth)
         inside = {68: np.abs(pit[ok] - 0.5) < 0.6827 / 2, 95: np.abs(pit[ok] - 0.5) < 0.95 / 2}
     return {"z_std": float(np.std(z)), "z_robust_std": robust_scatter(z),
             "coverage_68": float(np.mean(inside[68])), "coverage_95": float(np.mean(inside[95]))}
@@ -59,8 +59,13 @@ def calibration_metrics(pred: np.ndarray, sigma: np.ndarray, truth: np.ndarray, 
 
 def z_scores(pred: np.ndarray, sigma: np.ndarray, truth: np.ndarray, truth_err: np.ndarray) -> np.ndarray:
     """Residuals in units of the combined uncertainty, for the stars where all are known."""
-    ok = np.isfinite(pred) & np.isfinite(truth) & np.isfinite(sigma)
+    ok = _all_known(pred, sigma, truth)
     return (pred[ok] - truth[ok]) / np.sqrt(sigma[ok] ** 2 + np.nan_to_num(truth_err[ok]) ** 2)
+
+
+def _all_known(pred: np.ndarray, sigma: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """The stars with a prediction, a sigma and a truth (the truth's error may be missing)."""
+    return np.isfinite(pred) & np.isfinite(truth) & np.isfinite(sigma)
 
 
 def binned_metrics(pred: np.ndarray, truth: np.ndarray, by: np.ndarray, edges) -> list[dict]:
