@@ -40,7 +40,7 @@ def calibration_metrics(pred: np.ndarray, sigma: np.ndarray, truth: np.ndarray, 
     Then they are the predictive's own central intervals, which for a two-mode answer are not
     mean +- k sigma.
 
-    >>> pit = np.array([0.5, 0.1, 0.9, 0.99])
+    >>> pit = np.array([0.5, 0.2, 0.9, 0.99])  # inside, inside, outside, outside
     >>> calibration_metrics(np.zeros(4), np.ones(4), np.zeros(4), np.zeros(4), pit)["coverage_68"]
     0.5
     """
