@@ -34,7 +34,7 @@ def to_markdown(r: dict) -> str:
     lines += spectra_rows("generation: labels -> XP", r["generation"]["xp"])
     lines += spectra_rows("generation: labels -> LAMOST-like (synthetic)", r["generation"]["lamost"])
     for key, text in (("bp_to_rp", "inpainting: BP + G -> RP (640-1020 nm)"),
-                      ("xp_first15_to_rest", "inpainting: XP coefficients 0-14 + G -> the rest"),
+                      ("xp_region", "inpainting: XP without 500-600 nm + G -> 500-600 nm"),
                       ("lamost_blue_to_red", "inpainting: blue half -> red half, LAMOST-like (synthetic)")):
         lines += spectra_rows(text, r["inpainting"][key])
     lines += spectra_rows("translation: XP + G -> LAMOST-like (synthetic)", r["translation"]["xp_to_lamost"])

@@ -4,9 +4,9 @@ Example
 -------
 >>> from stellarlm import StellarLM
 >>> model = StellarLM.load("models/default")
->>> out = model.query({"teff": [4800.0], "logg": [2.5], "m_h": [-0.2]}, want=["g", "j", "bp_0"])
+>>> out = model.query({"teff": [4800.0], "logg": [2.5], "m_h": [-0.2]}, want=["g", "j", "xp_500"])
 >>> out.colnames
-['g', 'g_err', 'j', 'j_err', 'bp_0', 'bp_0_err']
+['g', 'g_err', 'j', 'j_err', 'xp_500', 'xp_500_err']
 
 Inputs are in physical units: an astropy Table (columns with units are converted to the token's
 unit; an incompatible unit is an error), a pandas DataFrame, or a dict of arrays. A column named
@@ -18,6 +18,7 @@ error of that token. NaN means "not observed". Output is an astropy Table with a
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -28,8 +29,9 @@ from tqdm import tqdm
 from .data.gaia_xp import relevant_bases_mask
 from .errors import BadValueError, UnknownTokenError
 from .predictive import Predictive, stack
+from .data.xp_basis import coefficients_to_tokens
 from .training import load_model, pick_device
-from .vocab import N_XP, Vocabulary, g_flux
+from .vocab import N_XP, XP_NAMES, Vocabulary
 
 PASSTHROUGH = ("source_id", "star_id", "apogee_id", "designation", "split")
 
@@ -267,47 +269,64 @@ class StellarLM:
 
     def labels_from_xp(self, bp_coefficients, rp_coefficients, phot_g_mean_mag, want=("teff", "logg", "m_h"),
                        bp_coefficient_errors=None, rp_coefficient_errors=None,
-                       bp_n_relevant_bases=None, rp_n_relevant_bases=None):
+                       bp_n_relevant_bases=None, rp_n_relevant_bases=None,
+                       bp_coefficient_correlations=None, rp_coefficient_correlations=None):
         """Labels from XP coefficients as the Gaia archive gives them (e-/s units, 55 per band) and G.
 
-        Divides the coefficients by the G-band flux as the model's tokens expect, then queries.
-        ``bp_n_relevant_bases`` / ``rp_n_relevant_bases`` (the archive's columns of those names, one
-        number per star or one for all) truncate each spectrum: the coefficients from that index on
-        are not given to the model, as Gaia recommends where the higher orders are mostly noise.
+        The coefficients become the XP flux tokens exactly as :func:`read_xp_continuous` makes them
+        (:func:`stellarlm.data.xp_basis.coefficients_to_tokens`). Pass the archive's
+        ``*_coefficient_errors`` and ``*_coefficient_correlations`` (1485 per band) for the flux
+        errors; without correlations they are treated as uncorrelated (a warning: errors off by up to
+        ~30%), without errors the model assumes the typical training error.
+        ``bp_n_relevant_bases`` / ``rp_n_relevant_bases`` (one number per star or one for all)
+        truncate each spectrum as GaiaXPy's ``truncation`` does.
 
         >>> import numpy as np
         >>> from stellarlm import StellarLM
         >>> model = StellarLM.load("models/default")
-        >>> bp, rp = np.ones((1, 55)), np.ones((1, 55))
+        >>> bp, rp = np.zeros((1, 55)), np.zeros((1, 55)); bp[0, 0] = rp[0, 0] = 5e4
         >>> out = model.labels_from_xp(bp, rp, [15.0], bp_n_relevant_bases=[20], rp_n_relevant_bases=[24])
         >>> out.colnames
         ['teff', 'teff_err', 'logg', 'logg_err', 'm_h', 'm_h_err']
         """
-        bp, rp = np.atleast_2d(bp_coefficients).astype(float), np.atleast_2d(rp_coefficients).astype(float)
         g = np.atleast_1d(np.asarray(phot_g_mean_mag, dtype=float))
-        for what, arr in (("bp_coefficients", bp), ("rp_coefficients", rp)):
-            if arr.shape != (len(g), N_XP):
-                raise BadValueError(f"{what} has shape {arr.shape}; expected ({len(g)}, {N_XP})")
-        fg = g_flux(g)[:, None]
-        obs = {"g": g}
-        for band, arr, err, n_relevant in (("bp", bp, bp_coefficient_errors, bp_n_relevant_bases),
-                                           ("rp", rp, rp_coefficient_errors, rp_n_relevant_bases)):
-            keep = _relevant_bases(n_relevant, len(g), f"{band}_n_relevant_bases")
-            scaled = np.where(keep, arr / fg, np.nan)
-            for i in range(N_XP):
-                obs[f"{band}_{i}"] = scaled[:, i]
-            if err is not None:
-                e = np.where(keep, np.atleast_2d(err).astype(float) / fg, np.nan)
-                for i in range(N_XP):
-                    obs[f"{band}_{i}_err"] = e[:, i]
+        n = len(g)
+
+        def stacked(what, bp, rp, width=N_XP):
+            arrays = [np.atleast_2d(np.asarray(x, dtype=float)) for x in (bp, rp)]
+            for band, arr in zip(("bp", "rp"), arrays):
+                if arr.shape != (n, width):
+                    raise BadValueError(f"{band}_{what} has shape {arr.shape}; expected ({n}, {width})")
+            return np.stack(arrays, axis=1)
+
+        coeff = stacked("coefficients", bp_coefficients, rp_coefficients)
+        if (bp_coefficient_errors is None) != (rp_coefficient_errors is None):
+            raise BadValueError("give the coefficient errors of both bands, or of neither")
+        err = (stacked("coefficient_errors", bp_coefficient_errors, rp_coefficient_errors)
+               if bp_coefficient_errors is not None else np.ones_like(coeff))
+        corr = None
+        if bp_coefficient_correlations is not None or rp_coefficient_correlations is not None:
+            corr = stacked("coefficient_correlations", bp_coefficient_correlations, rp_coefficient_correlations,
+                           N_XP * (N_XP - 1) // 2)
+        elif bp_coefficient_errors is not None:
+            warnings.warn("labels_from_xp: no coefficient correlations given; the XP flux errors are computed as if "
+                          "the coefficients were uncorrelated (off by up to ~30%)", stacklevel=2)
+        n_relevant = None
+        if bp_n_relevant_bases is not None or rp_n_relevant_bases is not None:
+            n_relevant = np.stack([_relevant_bases(bp_n_relevant_bases, n, "bp_n_relevant_bases"),
+                                   _relevant_bases(rp_n_relevant_bases, n, "rp_n_relevant_bases")], axis=1)
+        values, errors = coefficients_to_tokens(coeff, err, g, corr, n_relevant)
+        obs = {"g": g, **dict(zip(XP_NAMES, values.T))}
+        if bp_coefficient_errors is not None:
+            obs.update({f"{name}_err": e for name, e in zip(XP_NAMES, errors.T)})
         return self.query(obs, list(want))
 
 
 def _relevant_bases(n_relevant, n_stars: int, what: str) -> np.ndarray:
-    """:func:`relevant_bases_mask` (all coefficients for None), its errors as BadValueError."""
+    """(n_stars,) counts of relevant bases (all 55 for None); a bad count raises BadValueError."""
     if n_relevant is None:
-        return np.ones((n_stars, N_XP), bool)
+        return np.full(n_stars, N_XP)
     try:
-        return relevant_bases_mask(n_relevant, n_stars)
+        return relevant_bases_mask(n_relevant, n_stars).sum(1)
     except ValueError as exc:
         raise BadValueError(f"{what} {exc}") from exc

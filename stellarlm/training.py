@@ -17,9 +17,9 @@ mixed:
   it in 43%: on the validation split, after the same 6 minutes of training, Teff from XP + G went
   from 206 K to 132 K (the default model's README has the runs). The default is now 54%.
 
-A share ``p_truncated`` of the modality subsets give instead an XP spectrum truncated to its first
-n coefficients per band (as Gaia's ``n_relevant_bases`` does), and a share ``p_truncated_inpaint``
-of those ask only about the missing coefficients (inpainting the high orders).
+A share ``p_gap`` of the modality subsets give instead an XP spectrum with one wavelength range
+missing (random start and width, up to half the spectrum; + G half the time), and a share
+``p_gap_inpaint`` of those ask only about the missing bins (inpainting a spectral region).
 
 Targets are ordered by weighted sampling (Efraimidis & Spirakis 2006) with weight 1/group size,
 so the four labels are asked for as often as the 200 LAMOST bins.
@@ -50,7 +50,7 @@ from tqdm import tqdm
 from .data.table import TokenTable
 from .errors import DataFileError, VocabularyMismatchError
 from .model import ModelConfig, StellarTransformer, gaussian_nll
-from .vocab import GROUPS, N_LAMOST, N_XP, Vocabulary
+from .vocab import GROUPS, N_LAMOST, N_XP_BINS, XP_NAMES, Vocabulary
 
 CHECKPOINT_DIR = "checkpoint"
 WEIGHTS_FILE = "model.safetensors"
@@ -70,8 +70,8 @@ class TrainConfig:
     min_lr_ratio: float = 0.05
     grad_clip: float = 1.0
     max_targets: int = 16
-    max_inputs: int = 160  # caps the per-token embedding cost; XP (110) + photometry always fit
-    patch_size: int = 5  # neighbouring XP coefficients summed into one encoder token (model.py)
+    max_inputs: int = 160  # caps the per-token embedding cost; XP (114) + photometry always fit
+    patch_size: int = 5  # neighbouring XP bins summed into one encoder token (model.py)
     lamost_patch_size: int = 20  # the same for the LAMOST-like bins
     p_group: float = 0.9
     p_alone: float = 0.85  # of the modality subsets, the share that give one source alone (+ G half the time)
@@ -80,14 +80,13 @@ class TrainConfig:
     # each time a star is drawn its given values get fresh noise of this many times their own errors,
     # so the network cannot learn the training stars' noise by heart (see sample_batch)
     input_noise: float = 0.0
-    # of the modality subsets, the share that give only the first n XP coefficients of each band (n
-    # random, + G half the time): spectra truncated to Gaia's n_relevant_bases, and
-    # inpainting of the higher orders
-    p_truncated: float = 0.2
-    # of those truncated subsets, the share whose questions are all about the missing XP
-    # coefficients (the rest ask about anything not given, like every other subset): most of a
-    # truncated spectrum's questions would otherwise go to the labels, photometry and LAMOST-like bins
-    p_truncated_inpaint: float = 0.5
+    # of the modality subsets, the share that give an XP spectrum with one wavelength range missing
+    # (random start and width up to half the spectrum, + G half the time): inpainting of a region
+    p_gap: float = 0.2
+    # of those subsets, the share whose questions are all about the missing XP bins (the rest ask
+    # about anything not given, like every other subset): most of their questions would otherwise go
+    # to the labels, photometry and LAMOST-like bins
+    p_gap_inpaint: float = 0.5
     # CPU: stars sorted by their number of encoder patches and run in this many sub-batches, each
     # padded to its own width: the same loss, less padding (XP alone is 23 patches, everything 44)
     n_buckets: int = 8
@@ -119,7 +118,7 @@ class NormalisedData:
     g_block: torch.Tensor  # (n_blocks,) the block of the G magnitude
     whole: torch.Tensor  # (n_blocks,) the whole-spectrum block each block belongs to (a scalar: itself)
     xp_source: int | None = None  # the row of ``sources`` that is the XP spectrum, if there is one
-    xp_order: torch.Tensor | None = None  # (T,) coefficient index of each XP column, -1 for the others
+    xp_order: torch.Tensor | None = None  # (T,) bin index of each XP column (blue to red), -1 for the others
 
     @classmethod
     def from_table(cls, table: TokenTable, vocab: Vocabulary) -> NormalisedData:
@@ -135,7 +134,7 @@ class NormalisedData:
         xp_source = 0 if present[0] else None
         g_block = names == "g"
         _, whole = np.unique([_WHOLE_SPECTRUM.get(b, b) for b in names], return_inverse=True)
-        xp_order = [int(n.split("_")[1]) if vocab[n].group in ("xp_bp", "xp_rp") else -1 for n in table.names]
+        xp_order = [XP_NAMES.index(n) if n in XP_NAMES else -1 for n in table.names]
         return cls(torch.as_tensor(ids), torch.as_tensor(v, dtype=torch.float32),
                    torch.as_tensor(e, dtype=torch.float32), torch.as_tensor(group), torch.as_tensor(block),
                    torch.as_tensor(sources[present]), torch.as_tensor(g_block), torch.as_tensor(whole), xp_source,
@@ -149,8 +148,8 @@ _WHOLE_SPECTRUM = {"xp_bp": "xp", "xp_rp": "xp", "lamost_blue": "lamost", "lamos
 
 
 def _block_of(token) -> str:
-    """What is given or withheld together in a modality subset: a band of the XP spectrum (BP or
-    RP), a half of the LAMOST-like spectrum (blue or red, about the instrument's two arms), or a
+    """What is given or withheld together in a modality subset: a band of the XP spectrum (the BP
+    or the RP range, below or above 640 nm), a half of the LAMOST-like spectrum (blue or red, about the instrument's two arms), or a
     scalar token on its own. A source given alone (see sample_batch) is the whole spectrum."""
     if token.group in ("xp_bp", "xp_rp"):
         return token.group
@@ -162,15 +161,14 @@ def _block_of(token) -> str:
 def sample_batch(data: NormalisedData, rows: torch.Tensor, gen: torch.Generator, max_targets: int,
                  p_group: float, max_inputs: int = 1_000_000, p_alone: float = 0.5,
                  p_xp: float | None = None, p_half: float = 0.5, input_noise: float = 0.0,
-                 p_truncated: float = 0.0, p_truncated_inpaint: float = 0.0) -> dict[str, torch.Tensor]:
+                 p_gap: float = 0.0, p_gap_inpaint: float = 0.0) -> dict[str, torch.Tensor]:
     """Random input/target subsets for ``rows``; returns padded tensors and masks (see module doc).
 
     ``input_noise`` k > 0 adds Gaussian noise of k times each given value's error to it, and tells
     the network the total error, sqrt(1 + k^2) times the error: a new noisy copy of the star each
-    time it is drawn. Targets are left as measured. ``p_truncated``: the share of the modality
-    subsets that give instead the first n coefficients of each XP band (n from 1 to 54, + G half
-    the time); ``p_truncated_inpaint``: the share of those whose targets are all missing XP
-    coefficients.
+    time it is drawn. Targets are left as measured. ``p_gap``: the share of the modality subsets
+    that give instead the XP spectrum less one wavelength range (1 to half of the bins, + G half
+    the time); ``p_gap_inpaint``: the share of those whose targets are all missing XP bins.
     """
     v, e = data.values[rows], data.errors[rows]
     avail = torch.isfinite(v)
@@ -200,15 +198,17 @@ def sample_batch(data: NormalisedData, rows: torch.Tensor, gen: torch.Generator,
     alone = data.sources[source] | (data.g_block[None, :] & (torch.rand(b, 1, generator=gen) < 0.5))
     given = torch.where((torch.rand(b, 1, generator=gen) < p_alone), alone, given)
     token_given = given[:, data.block] & avail
-    ask_missing = torch.zeros_like(avail)  # XP coefficients a truncated spectrum asks about first
-    if p_truncated > 0 and data.xp_source is not None:
-        n_kept = torch.randint(1, N_XP, (b, 1), generator=gen)
+    ask_missing = torch.zeros_like(avail)  # XP bins a spectrum with a gap asks about first
+    if p_gap > 0 and data.xp_source is not None:
+        width = torch.randint(1, N_XP_BINS // 2 + 1, (b, 1), generator=gen)
+        start = (torch.rand(b, 1, generator=gen) * (N_XP_BINS - width + 1)).long()
+        is_xp = (data.xp_order >= 0)[None, :]
+        in_gap = is_xp & (data.xp_order >= start) & (data.xp_order < start + width)
         with_g = data.g_block[data.block][None, :] & (torch.rand(b, 1, generator=gen) < 0.5)
-        truncated = ((data.xp_order >= 0) & (data.xp_order < n_kept)) | with_g
-        is_truncated = torch.rand(b, 1, generator=gen) < p_truncated
-        token_given = torch.where(is_truncated, truncated & avail, token_given)
-        ask_missing = (is_truncated & (torch.rand(b, 1, generator=gen) < p_truncated_inpaint)
-                       & (data.xp_order >= 0)[None, :] & ~truncated)
+        gapped = (is_xp & ~in_gap) | with_g
+        has_gap = torch.rand(b, 1, generator=gen) < p_gap
+        token_given = torch.where(has_gap, gapped & avail, token_given)
+        ask_missing = has_gap & (torch.rand(b, 1, generator=gen) < p_gap_inpaint) & in_gap
     n_given = token_given.sum(1)
     use_group &= (n_given > 0) & (n_given < n_avail)
     key = torch.where(use_group[:, None] & token_given, key + 1e6, key)
@@ -338,7 +338,7 @@ def _draw(data: NormalisedData, n: int, gen: torch.Generator, cfg: TrainConfig, 
     """``n`` random stars (with replacement) with random input/target subsets, on ``device``."""
     rows = torch.randint(len(data), (n,), generator=gen)
     batch = sample_batch(data, rows, gen, cfg.max_targets, cfg.p_group, cfg.max_inputs, cfg.p_alone, cfg.p_xp,
-                         cfg.p_half, cfg.input_noise, cfg.p_truncated, cfg.p_truncated_inpaint)
+                         cfg.p_half, cfg.input_noise, cfg.p_gap, cfg.p_gap_inpaint)
     return {k: x.to(device) for k, x in batch.items()}
 
 

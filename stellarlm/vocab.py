@@ -15,7 +15,7 @@ Example
 >>> vocab["teff"].unit
 'K'
 >>> vocab.ids(["teff", "logg"]).tolist()
-[110, 111]
+[114, 115]
 """
 
 from __future__ import annotations
@@ -31,17 +31,27 @@ import numpy as np
 
 from .errors import UnknownTokenError, VocabularyMismatchError
 
-N_XP = 55  # Gaia DR3 XP coefficients per band (BP and RP)
+N_XP = 55  # Gaia DR3 XP coefficients per band (BP and RP), as the archive gives them
+# The XP tokens are the sampled spectrum (gaiaxpy's 336-1020 nm grid, 2 nm steps) averaged over
+# three samples: 114 bins of 6 nm centred at 338, 344, ..., 1016 nm (stellarlm.data.xp_basis).
+XP_BIN_NM = 6.0
+XP_BIN_CENTRES_NM = 338.0 + XP_BIN_NM * np.arange(114)
+N_XP_BINS = len(XP_BIN_CENTRES_NM)
+XP_BP_RP_SPLIT_NM = 640.0  # bins centred below come from BP alone (or BP and RP merged near 640 nm)
 N_LAMOST = 200  # bins of the (synthetic) LAMOST-like spectrum; grid in stellarlm.data.lamost
 SQUASH = 3.0  # model units are linear in the robust z-score up to about this many scales
 GAIA_G_ZEROPOINT = 25.6874  # Gaia EDR3 G zero point (Riello et al. 2021), mag for 1 e-/s
-XP_NAMES = [f"bp_{i}" for i in range(N_XP)] + [f"rp_{i}" for i in range(N_XP)]  # the 110 XP tokens, in order
+XP_REFERENCE_G = 15.0  # XP tokens are the flux the star would have at this G magnitude ...
+XP_FLUX_UNIT = 1e-17  # ... in units of 1e-17 W m^-2 nm^-1 (values of order 1)
+XP_NAMES = [f"xp_{int(c)}" for c in XP_BIN_CENTRES_NM]  # the 114 XP tokens, blue to red
 LAMOST_NAMES = [f"lamost_{i}" for i in range(N_LAMOST)]
 
 
-def g_flux(g) -> np.ndarray:
-    """Gaia G-band flux (e-/s) of a G magnitude: the scale the XP coefficient tokens are divided by."""
-    return 10 ** (-0.4 * (np.asarray(g, dtype=np.float64) - GAIA_G_ZEROPOINT))
+def xp_flux_scale(g) -> np.ndarray:
+    """Factor that turns a star's XP flux (W m^-2 nm^-1) into XP token values: the flux it would
+    have at G = 15, in 1e-17 W m^-2 nm^-1. Dividing by the G-band flux (Leung & Bovy 2023) leaves
+    the spectral shape in the XP tokens and the brightness in the ``g`` token."""
+    return 10 ** (0.4 * (np.asarray(g, dtype=np.float64) - XP_REFERENCE_G)) / XP_FLUX_UNIT
 
 GROUPS = ("xp_bp", "xp_rp", "label", "photometry", "extinction", "astrometry", "lamost")
 
@@ -66,16 +76,12 @@ class Token:
 
 
 def _xp_tokens() -> list[Token]:
-    out = []
-    for band in ("bp", "rp"):
-        for i in range(N_XP):
-            out.append(Token(
-                id=len(out), name=f"{band}_{i}", group=f"xp_{band}", unit="",
-                description=(f"Gaia DR3 XP {band.upper()} basis coefficient {i}, divided by the star's "
-                             "G-band flux 10**(-0.4 (G - 25.6874)) e-/s (Leung & Bovy 2023), so it carries "
-                             "spectral shape and the g token carries brightness"),
-            ))
-    return out
+    return [Token(id=i, name=name, group="xp_bp" if c < XP_BP_RP_SPLIT_NM else "xp_rp",
+                  unit="1e-17 W m^-2 nm^-1",
+                  description=(f"Gaia DR3 XP flux, {c - XP_BIN_NM / 2:.0f}-{c + XP_BIN_NM / 2:.0f} nm (mean of "
+                               "gaiaxpy's 2 nm samples), scaled to G = 15: flux * 10**(0.4 (G - 15)); the "
+                               "spectral shape, while the g token carries the brightness"))
+            for i, (name, c) in enumerate(zip(XP_NAMES, XP_BIN_CENTRES_NM))]
 
 
 def _scalar_tokens(first_id: int) -> list[Token]:
@@ -169,7 +175,7 @@ class Vocabulary:
         return [t.name for t in self.tokens if t.group == group]
 
     def patches(self, size: int, lamost_size: int | None = None) -> list[int]:
-        """Patch id of each token id: runs of ``size`` neighbouring tokens of an XP band (and of
+        """Patch id of each token id: runs of ``size`` neighbouring XP bins of a band (and of
         ``lamost_size``, default ``size``, LAMOST-like bins) share a patch; every other token is a
         patch of its own.
 
@@ -227,7 +233,7 @@ class Vocabulary:
     def to_json(self) -> str:
         rows = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(t).items()}
                 for t in self.tokens]
-        return json.dumps({"format": "stellarlm-vocabulary", "version": 1, "tokens": rows}, indent=1)
+        return json.dumps({"format": "stellarlm-vocabulary", "version": 2, "tokens": rows}, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> Vocabulary:

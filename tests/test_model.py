@@ -101,18 +101,19 @@ def test_sampler_can_favour_the_xp_spectrum_alone(small_embedded):
 
 
 def test_sampler_gives_half_spectra(small_embedded):
-    """Random keep rates act on the BP and RP bands separately (users inpaint RP from BP)."""
+    """Random keep rates act on the BP and RP ranges separately (users inpaint RP from BP)."""
     t = small_embedded.select(XP_G + ["teff", "logg"])
     data = NormalisedData.from_table(t, t.vocab)
     rows = torch.arange(len(data))[:300]
     b = sample_batch(data, rows, torch.Generator().manual_seed(5), max_targets=8, p_group=1.0, p_alone=0.0)
-    bp, rp = set(t.vocab.ids(XP_NAMES[:55]).tolist()), set(t.vocab.ids(XP_NAMES[55:]).tolist())
+    bp, rp = set(t.vocab.ids(t.vocab.group("xp_bp")).tolist()), set(t.vocab.ids(t.vocab.group("xp_rp")).tolist())
+    nb, nr = len(bp), len(rp)
     given = [set(b["ids"][r][b["mask"][r]].tolist()) for r in range(len(rows))]
     bands = [(len(g & bp), len(g & rp)) for g in given]
-    assert (55, 0) in bands and (0, 55) in bands and (55, 55) in bands
+    assert (nb, 0) in bands and (0, nr) in bands and (nb, nr) in bands
     # a band is given whole or not at all, except where a draw gave everything or nothing and the
     # star fell back to a random token subset (about a third of them)
-    whole = [n_bp in (0, 55) and n_rp in (0, 55) for n_bp, n_rp in bands]
+    whole = [n_bp in (0, nb) and n_rp in (0, nr) for n_bp, n_rp in bands]
     assert np.mean(whole) > 0.5
 
 
@@ -133,27 +134,28 @@ def test_input_noise_perturbs_inputs_by_their_errors(small_embedded):
     assert torch.equal(noisy["values"][~plain["mask"]], plain["values"][~plain["mask"]])
 
 
-def test_sampler_gives_truncated_xp_spectra(small_embedded):
-    """p_truncated = 1: every star is given the first n coefficients of both XP bands (n varying,
-    G half the time)."""
+def test_sampler_gives_xp_spectra_with_a_gap(small_embedded):
+    """p_gap = 1: every star is given its XP spectrum less one contiguous wavelength range (of
+    varying start and width, up to half the bins), G half the time."""
     t = small_embedded.select(XP_G + ["teff", "logg"])
     data = NormalisedData.from_table(t, t.vocab)
     rows = torch.arange(len(data))[:200]
-    b = sample_batch(data, rows, torch.Generator().manual_seed(7), max_targets=8, p_group=1.0, p_truncated=1.0)
+    b = sample_batch(data, rows, torch.Generator().manual_seed(7), max_targets=8, p_group=1.0, p_gap=1.0)
     order = {int(i): n for i, n in zip(t.vocab.ids(t.names), data.xp_order.tolist())}
-    g_id, kept = int(t.vocab.ids(["g"])[0]), []
+    g_id, gaps = int(t.vocab.ids(["g"])[0]), []
     for r in range(len(rows)):
         given = b["ids"][r][b["mask"][r]].tolist()
-        xp = sorted(order[i] for i in given if i != g_id)
-        n = len(xp) // 2
-        assert xp == sorted(list(range(n)) * 2), xp  # the same prefix of BP and of RP
-        kept.append((n, g_id in given))
-    assert len({n for n, _ in kept}) > 20 and 0.3 < np.mean([g for _, g in kept]) < 0.7
+        missing = sorted(set(range(len(XP_NAMES))) - {order[i] for i in given if i != g_id})
+        assert missing == list(range(missing[0], missing[-1] + 1)), missing  # one contiguous range
+        assert 1 <= len(missing) <= len(XP_NAMES) // 2
+        gaps.append((missing[0], len(missing), g_id in given))
+    assert len({s for s, _, _ in gaps}) > 20 and len({w for _, w, _ in gaps}) > 20
+    assert 0.3 < np.mean([g for _, _, g in gaps]) < 0.7
 
 
-def test_truncated_spectra_can_ask_for_their_missing_coefficients(small_embedded):
-    """p_truncated_inpaint = 1: a truncated spectrum's questions are XP coefficients above its
-    prefix, as many as there are; at 0 many of them go to the other tokens (here Teff and logg)."""
+def test_spectra_with_a_gap_can_ask_for_the_missing_bins(small_embedded):
+    """p_gap_inpaint = 1: the questions of a spectrum with a gap are the missing bins, as many as
+    there are; at 0 many of them go to the other tokens (here Teff and logg)."""
     t = small_embedded.select(XP_G + ["teff", "logg"])
     data = NormalisedData.from_table(t, t.vocab)
     rows = torch.arange(len(data))[:200]
@@ -161,14 +163,14 @@ def test_truncated_spectra_can_ask_for_their_missing_coefficients(small_embedded
     share = {}
     for p in (0.0, 1.0):
         b = sample_batch(data, rows, torch.Generator().manual_seed(8), max_targets=8, p_group=1.0,
-                         p_truncated=1.0, p_truncated_inpaint=p)
+                         p_gap=1.0, p_gap_inpaint=p)
         asked_xp, could = 0, 0
         for r in range(len(rows)):
-            n = max([order[i] for i in b["ids"][r][b["mask"][r]].tolist() if order[i] >= 0], default=-1) + 1
+            given = {order[i] for i in b["ids"][r][b["mask"][r]].tolist() if order[i] >= 0}
             q = [order[i] for i in b["query_ids"][r][b["target_mask"][r]].tolist()]
-            assert all(o < 0 or o >= n for o in q)  # never asked about what it was given
-            missing = int(((data.xp_order >= n) & torch.isfinite(data.values[rows[r]])).sum())
-            asked_xp, could = asked_xp + sum(o >= n for o in q), could + min(len(q), missing)
+            assert not given & set(q)  # never asked about what it was given
+            missing = len(XP_NAMES) - len(given)
+            asked_xp, could = asked_xp + sum(o >= 0 for o in q), could + min(len(q), missing)
         share[p] = asked_xp / could
     assert share[1.0] == 1.0 and share[0.0] < 0.9, share
 
@@ -235,29 +237,36 @@ def test_missing_inputs_are_skipped_per_star(tiny_model, small_embedded):
     assert np.isnan(nothing["teff"][0]) and np.isfinite(nothing["teff"][1])
 
 
-def test_labels_from_archive_xp_and_truncated_spectra(tiny_model, small_embedded):
-    """labels_from_xp takes the archive's e-/s coefficients; with n_relevant_bases the higher
-    orders are not given (changing them changes nothing), and bad counts are refused."""
-    from stellarlm.vocab import g_flux
+def test_labels_from_archive_xp_and_truncated_spectra(tiny_model):
+    """labels_from_xp takes the archive's e-/s coefficients (the real astroquery star) and answers as
+    the XP_CONTINUOUS reader's tokens do; with n_relevant_bases the higher orders are not used
+    (changing them changes nothing), and bad counts are refused."""
+    from astropy.table import Table
+
+    from stellarlm.data.gaia_xp import array_column, astroquery_example_files, read_xp_continuous
 
     model, _ = tiny_model
-    held = small_embedded.subset("val").subset(slice(0, 20))
-    g = held.column("g")
-    xp = np.column_stack([held.column(n) for n in XP_NAMES]) * g_flux(g)[:, None]
-    bp, rp = xp[:, :55], xp[:, 55:]
-    full = model.labels_from_xp(bp, rp, g, want=["teff"])
-    direct = model.query(_observed(held, XP_G), ["teff"])
+    path = astroquery_example_files()["XP_CONTINUOUS"]["fits"]
+    t = Table.read(path)
+    arr = {f"{b}_{k}": array_column(t, f"{b}_{k}", path, length=None) for b in ("bp", "rp")
+           for k in ("coefficients", "coefficient_errors", "coefficient_correlations")}
+    g = [13.871]
+    full = model.labels_from_xp(arr.pop("bp_coefficients"), arr.pop("rp_coefficients"), g, want=["teff"], **arr)
+    read = read_xp_continuous(path, g_mag=g)
+    direct = model.query(read.observed(read.names), ["teff"])
     np.testing.assert_allclose(full["teff"], direct["teff"], rtol=1e-5)
-    n_bp = np.arange(20) % 40 + 10
-    cut = model.labels_from_xp(bp, rp, g, want=["teff"], bp_n_relevant_bases=n_bp, rp_n_relevant_bases=30)
-    noisy_bp = np.where(np.arange(55)[None, :] >= n_bp[:, None], 1e6, bp)
-    again = model.labels_from_xp(noisy_bp, rp * np.where(np.arange(55) >= 30, -3.0, 1.0), g, want=["teff"],
-                                 bp_n_relevant_bases=n_bp, rp_n_relevant_bases=30)
+    bp, rp = (array_column(t, f"{b}_coefficients", path) for b in ("bp", "rp"))
+    cut = model.labels_from_xp(bp, rp, g, want=["teff"], bp_n_relevant_bases=22, rp_n_relevant_bases=12)
+    noisy_bp = np.where(np.arange(55)[None, :] >= 22, 1e6, bp)
+    again = model.labels_from_xp(noisy_bp, rp * np.where(np.arange(55) >= 12, -3.0, 1.0), g, want=["teff"],
+                                 bp_n_relevant_bases=22, rp_n_relevant_bases=12)
     np.testing.assert_allclose(cut["teff"], again["teff"], rtol=1e-5)
-    assert np.all(np.isfinite(cut["teff"])) and not np.allclose(cut["teff"], full["teff"])
+    assert np.all(np.isfinite(cut["teff"]))
     for bad in (0, 56, 12.5, [30, 30]):
         with pytest.raises(BadValueError, match="bp_n_relevant_bases"):
             model.labels_from_xp(bp, rp, g, bp_n_relevant_bases=bad)
+    with pytest.raises(BadValueError, match="bp_coefficients has shape"):
+        model.labels_from_xp(bp[:, :54], rp, g)
 
 
 def test_checkpoint_round_trip(tiny_model, small_embedded):

@@ -14,16 +14,22 @@ from stellarlm.data import gaia_xp
 from stellarlm.data.apogee import read_allstar
 from stellarlm.data.table import split_with_fallback
 from stellarlm.data.gaia_xp import download_xp_continuous, read_xp_continuous
-from stellarlm.data.lamost import (lamost_bin_centres, lamost_bin_edges, read_lamost_lrs,
-                                   resample_to_lamost_grid)
-from stellarlm.vocab import GAIA_G_ZEROPOINT, N_LAMOST, N_XP
-
-BP = [f"bp_{i}" for i in range(N_XP)]
-RP = [f"rp_{i}" for i in range(N_XP)]
+from stellarlm.data.lamost import (MIN_BIN_COVERAGE, bin_to_lamost_grid, lamost_bin_centres, lamost_bin_edges,
+                                   read_lamost_lrs, resample_to_lamost_grid)
+from stellarlm.data.xp_basis import band_needed, coefficients_to_tokens
+from stellarlm.vocab import GAIA_G_ZEROPOINT, N_LAMOST, N_XP, XP_NAMES
 
 
 def f_g(g):
     return 10 ** (-0.4 * (g - GAIA_G_ZEROPOINT))
+
+
+def expected_xp(c, e, g, rows=slice(None)):
+    """The XP tokens the readers must give: the coefficients through gaiaxpy's basis (uncorrelated:
+    the test files carry no correlations)."""
+    coeff = np.stack([c["bp"], c["rp"]], axis=1)[rows]
+    err = np.stack([e["bp"], e["rp"]], axis=1)[rows]
+    return coefficients_to_tokens(coeff, err, np.asarray(g, float)[rows])
 
 
 def assert_names(exc_info, *parts):
@@ -91,17 +97,19 @@ def check_xp(t: TokenTable, c, e, g=G):
     assert isinstance(t, TokenTable) and len(t) == 3
     assert t.source_id.tolist() == SIDS
     assert t.star_id[0] == f"Gaia DR3 {SIDS[0]}"
-    v = t.select(BP + RP)
-    fg = f_g(np.array(g))
-    # star 0: both bands, divided by f_G
-    np.testing.assert_allclose(v.values[0, :N_XP], c["bp"][0] / fg[0], rtol=1e-5)
-    np.testing.assert_allclose(v.errors[0, N_XP:], e["rp"][0] / fg[0], rtol=1e-5)
-    # star 1: RP missing, BP present
-    np.testing.assert_allclose(v.values[1, :N_XP], c["bp"][1] / fg[1], rtol=1e-5)
-    assert np.isnan(v.values[1, N_XP:]).all() and np.isnan(v.errors[1, N_XP:]).all()
+    v = t.select(XP_NAMES)
+    needs_bp, needs_rp = band_needed()
+    # star 0: both bands, through the basis and scaled to G = 15
+    want_v, want_e = expected_xp(c, e, g, slice(0, 1))
+    np.testing.assert_allclose(v.values[:1], want_v, rtol=1e-5)
+    np.testing.assert_allclose(v.errors[:1], want_e, rtol=1e-5)
+    # star 1: RP missing, BP present: the BP-only bins are there, the rest missing
+    c1 = {"bp": c["bp"], "rp": np.where(np.arange(3)[:, None] == 1, np.nan, c["rp"])}
+    want_v, want_e = expected_xp(c1, e, g, slice(1, 2))
+    np.testing.assert_allclose(v.values[1][~needs_rp], want_v[0][~needs_rp], rtol=1e-5)
+    assert np.isnan(v.values[1][needs_rp]).all() and np.isnan(v.errors[1][needs_rp]).all()
     # star 2: BP missing, RP present
-    assert np.isnan(v.values[2, :N_XP]).all()
-    np.testing.assert_allclose(v.errors[2, N_XP:], e["rp"][2] / fg[2], rtol=1e-5)
+    assert np.isnan(v.values[2][needs_bp]).all() and np.isfinite(v.values[2][~needs_bp]).all()
     np.testing.assert_allclose(t.column("g"), g, rtol=1e-6)
     assert t.meta["missing"] == {"bp_band": 1, "rp_band": 1, "both_bands": 0}
 
@@ -250,8 +258,8 @@ def test_xp_wrong_array_length(tmp_path):
 
 
 def test_xp_truncated_to_the_relevant_bases(tmp_path):
-    """truncate=True keeps each band's first n_relevant_bases coefficients; a star without the band
-    needs no count (null); the rest are missing and counted."""
+    """truncate=True uses each band's first n_relevant_bases coefficients (the rest set to zero, as
+    GaiaXPy does); a star without the band needs no count (null)."""
     c, e = xp_arrays()
     cells = ["20,31", "12,null", "null,55"]  # star 1 has no RP, star 2 no BP
     path = write_xp_csv(tmp_path / "trunc.csv", c, e, extra_header=",bp_n_relevant_bases,rp_n_relevant_bases",
@@ -259,15 +267,16 @@ def test_xp_truncated_to_the_relevant_bases(tmp_path):
     full = read_xp_continuous(path)
     check_xp(full, c, e)
     cut = read_xp_continuous(path, truncate=True)
-    v, w = cut.select(BP + RP).values, full.select(BP + RP).values
-    for star, n_bp, n_rp in ((0, 20, 31), (1, 12, None), (2, None, 55)):
-        for offset, n in ((0, n_bp), (N_XP, n_rp)):
-            if n is None:
-                assert np.isnan(v[star, offset:offset + N_XP]).all()
-                continue
-            np.testing.assert_array_equal(v[star, offset:offset + n], w[star, offset:offset + n])
-            assert np.isnan(v[star, offset + n:offset + N_XP]).all()
-    assert cut.meta["blanked"]["xp_coefficients_beyond_n_relevant_bases"] == (55 - 20) + (55 - 31) + (55 - 12)
+    v = cut.select(XP_NAMES).values
+    for star, n_bp, n_rp in ((0, 20, 31), (1, 12, 55), (2, 55, 55)):
+        cc = {b: c[b].copy() for b in c}
+        cc["bp"][star, n_bp:] = 0.0
+        cc["rp"][star, n_rp:] = 0.0
+        want, _ = expected_xp(cc, e, G, slice(star, star + 1))
+        ok = np.isfinite(v[star])
+        np.testing.assert_allclose(v[star][ok], want[0][ok], rtol=1e-5)
+    np.testing.assert_array_equal(cut.select(XP_NAMES).errors, full.select(XP_NAMES).errors)
+    assert cut.meta["truncated_to_n_relevant_bases"] and not full.meta["truncated_to_n_relevant_bases"]
     # a count outside 1-55 for a present band, or no count column at all, is an error naming it
     bad = write_xp_csv(tmp_path / "bad.csv", c, e, extra_header=",bp_n_relevant_bases,rp_n_relevant_bases",
                        extra_cells=["20,31", "0,null", "null,55"])
@@ -535,11 +544,12 @@ def test_resample_conserves_a_flat_spectrum_and_weights_by_ivar():
     edges = lamost_bin_edges()
     in_bin = (wave >= edges[150]) & (wave < edges[151])
     np.testing.assert_allclose(e[150], 1 / np.sqrt(ivar[in_bin].sum()))
-    # weighted mean: two pixels, the one with 3x the ivar pulls 3x harder
-    v2, e2 = resample_to_lamost_grid([5000.0, 5001.0], [1.0, 2.0], [1.0, 3.0])
-    j = np.searchsorted(edges, 5000.0) - 1
-    assert v2[j] == pytest.approx(1.75) and e2[j] == pytest.approx(0.5)
-    assert np.isfinite(v2).sum() == 1
+    # weighted mean: pixels alternate flux 1 (ivar 1) and 2 (ivar 3): the 3x ivar pulls 3x harder
+    flux, ivar = np.where(np.arange(wave.size) % 2, 2.0, 1.0), np.where(np.arange(wave.size) % 2, 3.0, 1.0)
+    v2, e2 = resample_to_lamost_grid(wave, flux, ivar)
+    w_sum, wf_sum = ivar[in_bin].sum(), (ivar * flux)[in_bin].sum()
+    assert v2[150] == pytest.approx(wf_sum / w_sum) and e2[150] == pytest.approx(1 / np.sqrt(w_sum))
+    assert np.all(np.abs(v2 - 1.75) < 0.05)
     with pytest.raises(BadValueError):
         resample_to_lamost_grid([2.0, 1.0], [1.0, 1.0], [1.0, 1.0])
 
@@ -550,10 +560,11 @@ def test_lamost_reader_both_layouts(tmp_path, layout):
     flux = np.full(wave.size, 250.0)
     ivar = np.full(wave.size, 0.04)
     andmask = np.zeros(wave.size, np.int32)
-    # bad pixels (fewer than a bin holds), masked by andmask or by ivar = 0: they must not show
-    flux[1000:1010] = 1e6
-    andmask[1000:1005] = 4
-    ivar[1005:1010] = 0.0
+    # bad pixels (8 of the 19 in bin 51: under half a bin), masked by andmask or by ivar = 0: they
+    # must not show, and the bin keeps enough usable pixels to stay
+    flux[1000:1008] = 1e6
+    andmask[1000:1004] = 4
+    ivar[1004:1008] = 0.0
     header = {"OBSID": 123456, "DESIG": "J001122.33+445566.7", "HIERARCH GAIA_SOURCE_ID": 5853498713190525696}
     write = write_lrs_old if layout == "old" else write_lrs_new
     t = read_lamost_lrs(write(tmp_path / f"spec-{layout}.fits", wave, flux, ivar, andmask, header))
@@ -581,7 +592,74 @@ def test_lamost_reader_list_of_files_and_missing_bins(tmp_path):
     assert not t.missing[1].any()
     assert np.nanmedian(t.values[1]) == pytest.approx(1.0)
     assert t.meta["layouts"] == {"DR1-DR7 primary image": 1, "DR8+ COADD table": 1}
-    assert t.meta["blanked"]["bins_without_usable_pixel"] == int(t.missing[0].sum())
+    # the bin holding 6000 A is 77% masked: too few usable pixels, counted apart from the empty bins
+    straddling = np.searchsorted(lamost_bin_edges(), 6000.0) - 1
+    assert t.missing[0, straddling]
+    assert t.meta["blanked"] == {"bins_without_usable_pixel": int(t.missing[0].sum()) - 1,
+                                 "bins_too_few_usable_pixels": 1}
+
+
+@pytest.mark.parametrize("layout", ["old", "new"])
+def test_lamost_bin_with_too_few_usable_pixels_is_missing_and_counted(tmp_path, layout):
+    # a DR7-like Ca II K line: the core pixels are masked (ivar = 0), only the bright wings are left
+    wave = lamost_pixels()
+    edges = lamost_bin_edges()
+    k = np.searchsorted(edges, 3934.8) - 1
+    in_k = np.flatnonzero((wave >= edges[k]) & (wave < edges[k + 1]))
+    flux = np.full(wave.size, 100.0)
+    flux[in_k[4:16]] = 10.0  # the core, 12 of the bin's pixels
+    ivar = np.full(wave.size, 1.0)
+    ivar[in_k[4:16]] = 0.0
+    # a bin losing 5 of its pixels keeps most of its width and stays; a wholly masked bin is empty
+    in_60 = np.flatnonzero((wave >= edges[60]) & (wave < edges[61]))
+    ivar[in_60[:5]] = 0.0
+    ivar[(wave >= edges[80]) & (wave < edges[81])] = 0.0
+    write = write_lrs_old if layout == "old" else write_lrs_new
+    t = read_lamost_lrs(write(tmp_path / f"cak-{layout}.fits", wave, flux, ivar))
+    # the wings alone would read 1.0, i.e. the continuum: far above the bin's true mean
+    assert np.isnan(t.values[0, k]) and np.isnan(t.errors[0, k])
+    assert np.isfinite(t.values[0, 60]) and t.values[0, 60] == pytest.approx(1.0)
+    assert np.isnan(t.values[0, 80])
+    assert t.missing[0].sum() == 2
+    assert t.meta["blanked"] == {"bins_without_usable_pixel": 1, "bins_too_few_usable_pixels": 1}
+    assert t.meta["min_bin_coverage"] == MIN_BIN_COVERAGE == 0.5
+
+
+def test_lamost_bin_coverage_is_the_share_of_its_width_covered():
+    edges = lamost_bin_edges()
+    # a spectrum that starts inside bin 10: 60% of the bin covered keeps it, 30% does not
+    for share, present in ((0.6, True), (0.3, False)):
+        start = edges[11] - share * (edges[11] - edges[10])
+        wave = np.geomspace(start, 9100.0, 20000)
+        b = bin_to_lamost_grid(wave, np.ones(wave.size), np.ones(wave.size))
+        assert b.coverage[0, 10] == pytest.approx(share, abs=0.01)
+        assert np.isfinite(b.values[0, 10]) == present and b.too_few[0, 10] == (not present)
+        assert np.isnan(b.values[0, :10]).all() and not b.too_few[0, :10].any()
+        np.testing.assert_allclose(b.coverage[0, 11:], 1.0, atol=0.01)
+    # two lone 1 A pixels in a ~22 A bin: not a measurement of the bin
+    v, e = resample_to_lamost_grid([5000.0, 5001.0], [1.0, 2.0], [1.0, 3.0])
+    assert np.isnan(v).all() and np.isnan(e).all()
+
+
+def test_lamost_batch_binning_equals_single_spectrum_binning():
+    rng = np.random.default_rng(3)
+    wave = lamost_pixels()
+    flux = rng.normal(5.0, 1.0, (4, wave.size))
+    ivar = rng.uniform(0.5, 2.0, (4, wave.size))
+    ivar[rng.random(ivar.shape) < 0.3] = 0.0  # scattered masks: some bins fall under half coverage
+    ivar[1, 500:700] = 0.0
+    flux[2, 900:950] = np.nan
+    b = bin_to_lamost_grid(wave, flux, ivar)
+    assert b.values.shape == b.errors.shape == b.coverage.shape == b.too_few.shape == (4, N_LAMOST)
+    assert b.too_few.any() and np.isfinite(b.values).any()
+    for i in range(4):
+        v, e = resample_to_lamost_grid(wave, flux[i], ivar[i])
+        np.testing.assert_array_equal(v, b.values[i])
+        np.testing.assert_array_equal(e, b.errors[i])
+    # a row's bins never depend on the other rows
+    np.testing.assert_array_equal(bin_to_lamost_grid(wave, flux[2:3], ivar[2:3]).values, b.values[2:3])
+    with pytest.raises(BadValueError):
+        bin_to_lamost_grid(wave, flux, ivar[:, :-1])
 
 
 def test_lamost_reader_errors(tmp_path):

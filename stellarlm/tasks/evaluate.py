@@ -9,9 +9,8 @@ every star, i.e. knowing nothing about the star; a task that does not beat it ha
 
 Spectra are compared by the median relative flux error (median over stars and pixels of
 |pred - true| / |true|) and by chi^2/dof against the observed spectrum's own errors (mean over
-stars of the mean over pixels of (pred - true)^2 / sigma_true^2). XP spectra are compared as sampled
-spectra (336-1020 nm, per unit G-band flux, errors propagated from the coefficients' errors as if
-independent); the LAMOST-like (SYNTHETIC) ones on their 200 bins.
+stars of the mean over pixels of (pred - true)^2 / sigma_true^2). XP spectra are compared on their
+114 flux bins (336-1020 nm, scaled to G = 15), the LAMOST-like (SYNTHETIC) ones on their 200 bins.
 """
 
 from __future__ import annotations
@@ -26,12 +25,13 @@ from ..query import StellarLM
 from ..vocab import robust_scatter
 from . import ask
 from .extinction import extinction_curve, published_law
-from .generation import LAMOST_NAMES, XP_NAMES, sample_xp
+from .generation import LAMOST_NAMES, XP_BIN_CENTRES_NM, XP_NAMES
 from .inpainting import inpaint
 from .loci import kiel_locus, running_median, teff_locus
 
 GENERATION_LABELS = ["teff", "logg", "m_h", "alpha_m", "a_k"]
 RP_ONLY_NM = 640.0  # above this the sampled XP spectrum is RP alone
+INPAINT_REGION_NM = (500.0, 600.0)  # the XP region hidden in the "inpaint a wavelength range" task
 
 
 def spectrum_errors(pred: np.ndarray, true: np.ndarray, true_err: np.ndarray) -> dict:
@@ -58,20 +58,13 @@ def _complete(table: TokenTable, names: list[str]) -> TokenTable:
     return table.subset(np.nonzero(np.isfinite(table.select(names).values).all(1))[0])
 
 
-def _xp_spectra(coefficients, errors=None, pixels=None):
-    wave, flux, err = sample_xp(coefficients, errors)
-    sel = slice(None) if pixels is None else pixels(wave)
-    return flux[:, sel], (err[:, sel] if err is not None else None)
-
-
 def _compare(pred_tokens: dict[str, np.ndarray], truth: TokenTable, names: list[str], kind: str, pixels=None) -> dict:
-    """Spectrum errors of each prediction (n, len(names)) against ``truth``'s tokens ``names``."""
+    """Spectrum errors of each prediction (n, len(names)) against ``truth``'s tokens ``names``;
+    ``pixels(wavelength)`` picks the bins that are measured."""
     true_v = _values(truth, names)
     true_e = truth.select(names).errors.astype(np.float64)
-    if kind == "xp":
-        true_flux, true_err = _xp_spectra(true_v, true_e, pixels)
-        return {k: spectrum_errors(_xp_spectra(v, None, pixels)[0], true_flux, true_err) for k, v in pred_tokens.items()}
-    sel = slice(None) if pixels is None else pixels(lamost_bin_centres())
+    wave = XP_BIN_CENTRES_NM if kind == "xp" else lamost_bin_centres()
+    sel = slice(None) if pixels is None else pixels(wave)
     return {k: spectrum_errors(v[:, sel], true_v[:, sel], true_e[:, sel]) for k, v in pred_tokens.items()}
 
 
@@ -111,17 +104,19 @@ def _inpaint_case(model, train, test, given: list[str], hidden: list[str], also:
 
 
 def evaluate_inpainting(model: StellarLM, train: TokenTable, test: TokenTable) -> dict:
-    """BP (+ G) -> RP; XP coefficients 0-14 of each band (+ G) -> the rest; the blue half of the
+    """BP (+ G) -> RP; the XP spectrum without 500-600 nm (+ G) -> 500-600 nm; the blue half of the
     LAMOST-like spectrum -> the red half. Baseline: linear regression from the given part, fitted on
-    the training set. Measured where the prediction matters (the RP-only wavelengths, the whole XP
-    spectrum, the red LAMOST-like bins)."""
-    bp, rp = XP_NAMES[:55], XP_NAMES[55:]
-    first = bp[:15] + rp[:15]
-    rest = bp[15:] + rp[15:]
+    the training set. Measured on the hidden part (the RP wavelengths, 500-600 nm, the red
+    LAMOST-like bins)."""
+    blue = [n for n, w in zip(XP_NAMES, XP_BIN_CENTRES_NM) if w < RP_ONLY_NM]
+    red = [n for n in XP_NAMES if n not in blue]
+    lo, hi = INPAINT_REGION_NM
+    region = [n for n, w in zip(XP_NAMES, XP_BIN_CENTRES_NM) if lo <= w < hi]
     half = len(LAMOST_NAMES) // 2
     return {
-        "bp_to_rp": _inpaint_case(model, train, test, bp, rp, ["g"], "xp", lambda w: w >= RP_ONLY_NM),
-        "xp_first15_to_rest": _inpaint_case(model, train, test, first, rest, ["g"], "xp"),
+        "bp_to_rp": _inpaint_case(model, train, test, blue, red, ["g"], "xp", lambda w: w >= RP_ONLY_NM),
+        "xp_region": _inpaint_case(model, train, test, [n for n in XP_NAMES if n not in region], region, ["g"], "xp",
+                                   lambda w: (w >= lo) & (w < hi)),
         "lamost_blue_to_red": _inpaint_case(model, train, test, LAMOST_NAMES[:half], LAMOST_NAMES[half:], [],
                                             "lamost", lambda w: np.arange(len(w)) >= half),
         "baseline": "linear regression (ridge) from the given part, fitted on the training set",

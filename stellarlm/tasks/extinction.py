@@ -34,10 +34,10 @@ REFERENCE_NM = 550.0
 
 @dataclass
 class ExtinctionCurve:
-    wavelength_nm: np.ndarray  # (343,)
+    wavelength_nm: np.ndarray  # (114,) XP bin centres
     a_k: np.ndarray  # (m,) A_K of each reddened spectrum (the first one given is the reference, usually 0)
-    a_lambda: np.ndarray  # (m, 343) A(lambda) in mag; NaN where the generated flux is not positive
-    relative: np.ndarray  # (m, 343) A(lambda) / A(reference_nm)
+    a_lambda: np.ndarray  # (m, 114) A(lambda) in mag; NaN where the generated flux is not positive
+    relative: np.ndarray  # (m, 114) A(lambda) / A(reference_nm)
     reference_nm: float = REFERENCE_NM
 
 
@@ -53,7 +53,7 @@ def extinction_curve(model: StellarLM, teff: float, logg: float, m_h: float, a_k
     if alpha_m is not None:
         given["alpha_m"] = np.full(n, alpha_m)
     mean, _ = ask(model, given, XP_NAMES + ["k"])
-    wave, flux, _ = sample_xp(mean[:, :-1])  # per unit G flux: magnitudes relative to G
+    wave, flux, _ = sample_xp(mean[:, :-1])  # scaled to G = 15: magnitudes relative to G
     k_minus_g = mean[:, -1] - g
     with np.errstate(invalid="ignore", divide="ignore"):
         m_minus_g = np.where(flux > 0, -2.5 * np.log10(np.where(flux > 0, flux, 1.0)), np.nan)

@@ -1,10 +1,9 @@
 """Generation: stellar labels -> a spectrum, with uncertainties.
 
-The model is asked for the 110 XP coefficient tokens (or the 200 LAMOST-like bins) given Teff,
-logg, [M/H] and, optionally, [alpha/M], A_K and G. Each answer is a mean and a 1-sigma width per
-coefficient; the sampled XP spectrum (336-1020 nm, gaiaxpy's basis) and its +-1 sigma band follow
-by linear propagation, treating the coefficients' errors as independent (the model predicts each
-token's marginal uncertainty, not their covariance).
+The model is asked for the 114 XP flux tokens (or the 200 LAMOST-like bins) given Teff, logg,
+[M/H] and, optionally, [alpha/M], A_K and G. Each answer is a mean and a 1-sigma width per 6 nm
+bin (336-1020 nm): the XP spectrum itself, scaled to G = 15, or absolute when G is given. The
+sigma is each bin's marginal uncertainty; the model does not predict their covariance.
 
 Example
 -------
@@ -22,38 +21,37 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..query import StellarLM
-from ..vocab import LAMOST_NAMES, XP_NAMES, g_flux  # noqa: F401 (re-exported for the tasks)
+from ..data.xp_basis import tokens_to_flux
+from ..vocab import LAMOST_NAMES, XP_BIN_CENTRES_NM, XP_NAMES  # noqa: F401 (re-exported for the tasks)
 from . import ask
 
 
-def sample_xp(coefficients: np.ndarray, errors: np.ndarray | None = None, g: np.ndarray | None = None
+def sample_xp(tokens: np.ndarray, errors: np.ndarray | None = None, g: np.ndarray | None = None
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """XP coefficient tokens (n, 110) -> (wavelength [nm], flux (n, 343), flux error or None).
+    """XP tokens (n, 114) -> (bin centres [nm], flux (n, 114), flux error or None).
 
-    With ``g`` the flux is absolute (W m^-2 nm^-1, as gaiaxpy's ``calibrate``); without it, it is
-    per unit G-band flux (the tokens' own scale), which is what spectral shape comparisons need.
+    With ``g`` the flux is absolute (W m^-2 nm^-1, gaiaxpy's ``calibrate`` averaged over 6 nm);
+    without it, it is the tokens' own scale (the flux at G = 15, in 1e-17 W m^-2 nm^-1), which is
+    what spectral shape comparisons need.
     """
-    from ..data.xp_basis import xp_design_matrix
-
-    wave, design = xp_design_matrix()
-    coefficients = np.atleast_2d(coefficients)
-    scale = g_flux(np.atleast_1d(g))[:, None] if g is not None else 1.0
-    flux = coefficients @ design.T * scale
-    flux_err = None if errors is None else np.sqrt(np.atleast_2d(errors) ** 2 @ (design ** 2).T) * scale
-    return wave, flux, flux_err
+    tokens = np.atleast_2d(np.asarray(tokens, dtype=np.float64))
+    if g is None:
+        return XP_BIN_CENTRES_NM, tokens, None if errors is None else np.atleast_2d(errors)
+    return (XP_BIN_CENTRES_NM, tokens_to_flux(tokens, g),
+            None if errors is None else tokens_to_flux(np.atleast_2d(errors), g))
 
 
 @dataclass
 class GeneratedXP:
-    """Generated XP coefficient tokens (divided by the G-band flux, as the tokens are) with 1-sigma errors."""
+    """Generated XP tokens (the flux at G = 15, in 1e-17 W m^-2 nm^-1) with 1-sigma errors."""
 
-    coefficients: np.ndarray  # (n, 110): bp_0..bp_54, rp_0..rp_54
+    tokens: np.ndarray  # (n, 114): xp_338 .. xp_1016
     errors: np.ndarray
     g: np.ndarray | None = None
 
     def sampled(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(wavelength [nm], flux, flux error): absolute when G was given, else per unit G flux."""
-        return sample_xp(self.coefficients, self.errors, self.g)
+        """(wavelength [nm], flux, flux error): absolute when G was given, else scaled to G = 15."""
+        return sample_xp(self.tokens, self.errors, self.g)
 
 
 def _labels(teff, logg, m_h, alpha_m=None, a_k=None, g=None, **more) -> dict[str, np.ndarray]:
@@ -64,7 +62,7 @@ def _labels(teff, logg, m_h, alpha_m=None, a_k=None, g=None, **more) -> dict[str
 
 
 def generate_xp(model: StellarLM, teff, logg, m_h, alpha_m=None, a_k=None, g=None, **more) -> GeneratedXP:
-    """XP coefficients for stars with the given labels (scalars or arrays; broadcast together).
+    """XP spectra (the 114 flux tokens) for stars with the given labels (scalars or arrays; broadcast together).
 
     ``more`` may name any other token to condition on (e.g. ``parallax=2.1``).
     """
