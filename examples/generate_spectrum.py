@@ -25,7 +25,7 @@ def main() -> None:
     model = StellarLM.load(args.model)
     test = load_embedded().subset("test")
     labels = ["teff", "logg", "m_h", "alpha_m", "a_k"]
-    ok = np.isfinite(test.select(labels + ["lamost_0", "bp_0"]).values).all(1)
+    ok = np.isfinite(test.select(labels + ["lamost_0", "xp_500"]).values).all(1)
     stars = [i for i in np.nonzero(ok)[0] if 4500 < test.column("teff")[i] < 5000 and test.column("logg")[i] < 3][:1]
     stars += [i for i in np.nonzero(ok)[0] if 5600 < test.column("teff")[i] < 6000 and test.column("logg")[i] > 4][:1]
     fig, axes = plt.subplots(2, 2, figsize=(11, 6.5))
@@ -40,7 +40,7 @@ def main() -> None:
         ax.fill_between(wave, flux[0] - err[0], flux[0] + err[0], color="C1", alpha=0.3, label="±1σ")
         ax.set_title(", ".join(f"{k}={v:.2f}" if k != "teff" else f"Teff={v:.0f}" for k, v in lab.items()), fontsize=9)
         ax.set_xlabel("wavelength [nm]")
-        ax.set_ylabel("flux per unit G-band flux")
+        ax.set_ylabel("flux at G = 15 [1e-17 W m$^{-2}$ nm$^{-1}$]")
         ax.legend(fontsize=8)
         lw, lf, ls = generate_lamost(model, **lab)
         ax = axes[1, col]

@@ -1,4 +1,4 @@
-"""Inpainting: BP coefficients + G -> the RP half of a Gaia XP spectrum, and the blue half of a
+"""Inpainting: the BP range (336-634 nm) + G -> the RP range of a Gaia XP spectrum, and the blue half of a
 LAMOST-like (SYNTHETIC) spectrum -> its red half.
 
     python examples/inpaint_spectrum.py [--model models/default] [--out docs/tasks/inpaint_spectrum.png]
@@ -15,7 +15,7 @@ import numpy as np
 from stellarlm import StellarLM, load_embedded
 from stellarlm.cli import DEFAULT_MODEL
 from stellarlm.data.lamost import lamost_bin_centres
-from stellarlm.tasks.generation import LAMOST_NAMES, XP_NAMES, sample_xp
+from stellarlm.tasks.generation import LAMOST_NAMES, XP_BIN_CENTRES_NM, XP_NAMES, sample_xp
 from stellarlm.tasks.inpainting import inpaint
 
 
@@ -30,7 +30,7 @@ def main() -> None:
     i = int(np.nonzero(np.isfinite(test.column("lamost_0")) & (test.column("teff") < 4600))[0][0])
     xp = test.select(XP_NAMES).values[i:i + 1].astype(float)
     given = xp.copy()
-    given[:, 55:] = np.nan  # RP withheld
+    given[:, XP_BIN_CENTRES_NM > 640] = np.nan  # the RP range withheld
     filled, sigma = inpaint(model, XP_NAMES, given, also={"g": test.column("g")[i:i + 1]})
     wave, truth, _ = sample_xp(xp)
     _, pred, err = sample_xp(filled, sigma)
@@ -40,7 +40,7 @@ def main() -> None:
     a.fill_between(wave, pred[0] - err[0], pred[0] + err[0], color="C3", alpha=0.3, label="±1σ (RP predicted)")
     a.axvspan(640, 1020, color="0.9", zorder=0)
     a.set_xlabel("wavelength [nm]")
-    a.set_ylabel("flux per unit G-band flux")
+    a.set_ylabel("flux at G = 15 [1e-17 W m$^{-2}$ nm$^{-1}$]")
     a.legend(fontsize=8)
     a.set_title(f"Gaia DR3 {test.source_id[i]}: RP (shaded) predicted from BP + G", fontsize=9)
     lam = test.select(LAMOST_NAMES).values[i:i + 1].astype(float)

@@ -47,7 +47,7 @@ def main() -> None:
     b.plot(wave, pred[0], "C2", lw=1, label="translated from the LAMOST-like spectrum")
     b.fill_between(wave, pred[0] - err[0], pred[0] + err[0], color="C2", alpha=0.3)
     b.set_xlabel("wavelength [nm]")
-    b.set_ylabel("flux per unit G-band flux")
+    b.set_ylabel("flux at G = 15 [1e-17 W m$^{-2}$ nm$^{-1}$]")
     b.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(args.out, dpi=100)

@@ -94,15 +94,37 @@ def _train(args) -> int:
     return 0
 
 
-def _query(args) -> int:
+def _read_query_input(args):
+    """The input table: token columns as they are, or a Gaia archive XP file (XP_CONTINUOUS with
+    ``bp_coefficients``, or XP_SAMPLED with ``wavelength``/``flux``) turned into XP tokens + G by the
+    same readers as the Python API; then ``source_id`` and ``g_source`` are kept in the output."""
     from astropy.table import Table
 
-    from .query import StellarLM, _token_of
+    from .data.gaia_xp import _column_lookup, read_xp_sampled, xp_table_to_tokens
 
     try:
         observed = Table.read(args.input, format=args.format) if args.format else Table.read(args.input)
     except Exception as exc:
         raise DataFileError(args.input, f"cannot read input table ({exc})") from exc
+    cols = _column_lookup(observed)
+    g = "synthetic" if args.synthetic_g else (None if args.g_mag is None else [args.g_mag] * len(observed))
+    if "bp_coefficients" in cols:
+        tokens = xp_table_to_tokens(observed, args.input, g_mag=g, truncate=args.truncate)
+    elif "wavelength" in cols and "flux" in cols:
+        tokens = read_xp_sampled(args.input, g_mag=None if g is None else [args.g_mag])
+    else:
+        return observed, []
+    table = tokens.to_table()
+    table.remove_columns(["star_id", "split"])
+    table["g_source"] = tokens.meta["g_source_per_star"]
+    return table, ["source_id", "g_source"]
+
+
+def _query(args) -> int:
+    from .query import StellarLM, _token_of
+
+    observed, ids = _read_query_input(args)
+    args.keep = list(dict.fromkeys([*ids, *args.keep]))
     model = StellarLM.load(args.model)
     keep = [c for c in observed.colnames if _token_of(c) in model.vocab or c in args.keep]
     dropped = [c for c in observed.colnames if c not in keep]
@@ -131,7 +153,7 @@ def _demo(args) -> int:
     want = ["teff", "logg", "m_h"]
     # each star's own errors, as the Gaia archive gives them (without, a typical error is assumed)
     out = model.query(test.observed(xp), want)
-    print(f"model {args.model}: {model.meta.get('step')} training steps; query: XP coefficients + G "
+    print(f"model {args.model}: {model.meta.get('step')} training steps; query: XP + G "
           "(with their errors) -> "
           f"{', '.join(want)} for the {len(test)} held-out test stars")
     print(f"{'Gaia DR3 source_id':>20} {'APOGEE_ID':>19} | " + " | ".join(f"{n:>22}" for n in want))
@@ -212,12 +234,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("query", help="ask a trained model for tokens given others (FITS, ECSV, CSV)")
     q.add_argument("--model", required=True, help="model directory (model.safetensors + model.json)")
-    q.add_argument("--input", required=True, help="table of stars; columns are token names (+ name_err)")
+    q.add_argument("--input", required=True, help="table of stars: columns are token names (+ name_err), or a "
+                   "Gaia archive XP_CONTINUOUS / XP_SAMPLED file")
     q.add_argument("--want", nargs="+", required=True, help="token names to predict")
     q.add_argument("--output", required=True, help="output table (format from the extension)")
     q.add_argument("--format", help="astropy table format, if the extension does not say (e.g. ascii.csv)")
     q.add_argument("--keep", nargs="*", default=[], help="input columns to copy to the output (ids)")
     q.add_argument("--ignore-unknown", action="store_true", help="skip input columns that are not tokens")
+    q.add_argument("--g-mag", type=float, help="G magnitude for a Gaia XP file that carries none (one star)")
+    q.add_argument("--synthetic-g", action="store_true",
+                   help="Gaia XP_CONTINUOUS input without G: compute G from the spectrum (gaiaxpy generate)")
+    q.add_argument("--truncate", action="store_true",
+                   help="Gaia XP_CONTINUOUS input: use only each band's n_relevant_bases coefficients")
     q.set_defaults(func=_query)
 
     demo = sub.add_parser("demo", help="show the default model answering XP -> labels for test stars")

@@ -12,7 +12,7 @@ Gaussians (weights, means, log-variances); with one component, a mean and a log-
 mixture lets the answer be two-valued where the data are: an XP spectrum that fits a reddened B
 star as well as an F star, or a 5,000 K star that is a red-clump giant or a dwarf.
 
-Spectra are long (110 XP coefficients, 200 LAMOST-like bins) and attention cost grows with the
+Spectra are long (114 XP flux bins, 200 LAMOST-like bins) and attention cost grows with the
 number of tokens, so neighbouring tokens of a spectrum may share a *patch* (``patch_of``): the
 embeddings of a patch's observed tokens are summed into one encoder token. Each summand still
 carries its own name, a missing token simply adds nothing, and a sum does not depend on order, so
@@ -227,7 +227,7 @@ def gaussian_nll(mean: torch.Tensor, logvar: torch.Tensor, target: torch.Tensor,
 
     ``beta`` > 0 weights each term by its (total) variance to the power ``beta``, held constant
     (the beta-NLL of Seitzer et al. 2022; for a mixture, its moment variance): the best variance is
-    unchanged, but a very precise token (a bright star's XP coefficient, sigma ~ 1e-3 of its scale)
+    unchanged, but a very precise token (a bright star's XP flux bin, sigma ~ 1e-3 of its scale)
     no longer outweighs a label's gradient by a factor 1/sigma^2, which with gradient clipping slows
     everything else down.
     """

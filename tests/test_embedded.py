@@ -15,7 +15,8 @@ def test_small_build_has_every_token_and_reports_exclusions(small_embedded):
     assert len(t) > 2900 and len(t.names) == len(t.vocab)
     assert t.meta["rows_in_source"] == 3000
     assert t.meta["rows_in_source"] == len(t) + sum(t.meta["excluded"].values())
-    assert t.meta["xp_roundtrip_max_rel_error"] < 1e-4
+    xp = t.select([n for n in t.names if n.startswith("xp_")])
+    assert xp.values.shape[1] == 114 and np.isfinite(xp.values).all() and (xp.errors > 0).all()
     # real values, physically sensible
     teff = t.column("teff")
     assert np.all((teff > 3000) & (teff < 20000))

@@ -314,11 +314,9 @@ def synthetic_g(source_id: np.ndarray, coeff: np.ndarray, coeff_err: np.ndarray,
     synthetic photometry (``generate``); for files that carry no G (DataLink products). On the
     astroquery star it gives 13.871. The error is the larger of gaiaxpy's and 0.01 mag (the
     synthetic G's systematic offset from the measured one is of that order)."""
-    import contextlib
-    import io
-
     import pandas as pd
-    from gaiaxpy import PhotometricSystem, generate
+
+    from .xp_basis import gaiaxpy_quietly
 
     rows = []
     for i, sid in enumerate(source_id):
@@ -330,7 +328,9 @@ def synthetic_g(source_id: np.ndarray, coeff: np.ndarray, coeff_err: np.ndarray,
             row[f"{band}_n_parameters"] = N_XP
             row[f"{band}_standard_deviation"] = 1.0
         rows.append(row)
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    with gaiaxpy_quietly():
+        from gaiaxpy import PhotometricSystem, generate
+
         out = generate(pd.DataFrame(rows), photometric_system=PhotometricSystem.Gaia_DR3_Vega, save_file=False)
     g = np.asarray(out["GaiaDr3Vega_mag_G"], dtype=np.float64)
     err = np.asarray(out.get("GaiaDr3Vega_mag_error_G", np.full(len(g), np.nan)), dtype=np.float64)
@@ -457,9 +457,12 @@ def xp_table_to_tokens(table: Table, path: str | Path, g_mag: GInput = None, tru
         has_band = present.all(1)
         coeff[has_band, b], coeff_err[has_band, b] = c[has_band], e[has_band]
         name = f"{band}_coefficient_correlations"
-        r = array_column(table, cols[name], path, length=None) if name in cols else np.full((n, 0), np.nan)
-        ok = has_band & (r.shape[1] == corr.shape[2]) & np.isfinite(r).all(1) if r.shape[1] else np.zeros(n, bool)
-        corr[ok, b] = r[ok]
+        ok = np.zeros(n, bool)
+        if name in cols:
+            r = array_column(table, cols[name], path, length=None)
+            if r.shape[1] == corr.shape[2]:
+                ok = has_band & np.isfinite(r).all(1)
+                corr[ok, b] = r[ok]
         without_correlations += int((has_band & ~ok).sum())
         if truncate:
             n_relevant[:, b] = _relevant_in_file(table, cols, band, ~has_band, path)

@@ -68,6 +68,20 @@ def _unit_coefficient_frame():
     return pd.DataFrame(rows)
 
 
+@contextlib.contextmanager
+def gaiaxpy_quietly():
+    """Import and run gaiaxpy without its side effects: it turns matplotlib's TeX rendering on at
+    import (a user without LaTeX then cannot draw any figure) and prints progress bars."""
+    import matplotlib
+
+    usetex = matplotlib.rcParams["text.usetex"]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        matplotlib.rcParams["text.usetex"] = usetex
+
+
 @lru_cache(maxsize=1)
 def xp_design_matrix() -> tuple[np.ndarray, np.ndarray]:
     """(wavelength [nm], design matrix (n_wave, 110)) such that flux = design @ [bp, rp] coefficients.
@@ -75,13 +89,9 @@ def xp_design_matrix() -> tuple[np.ndarray, np.ndarray]:
     Flux is in W m^-2 nm^-1 for coefficients in the Gaia archive's units (e-/s). Computed once
     per process from gaiaxpy's ``calibrate`` (about 2 s, mostly importing gaiaxpy).
     """
-    import matplotlib
+    with gaiaxpy_quietly():
+        from gaiaxpy import calibrate
 
-    usetex = matplotlib.rcParams["text.usetex"]
-    from gaiaxpy import calibrate
-
-    matplotlib.rcParams["text.usetex"] = usetex  # gaiaxpy turns TeX on at import; keep the user's choice
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # progress bars
         spectra, wave = calibrate(_unit_coefficient_frame(), truncation=False, save_file=False)
     design = np.stack([np.asarray(f, dtype=np.float64) for f in spectra["flux"]], axis=1)
     return np.asarray(wave, dtype=np.float64), design

@@ -28,7 +28,7 @@ def _with_g(columns: dict, g) -> dict:
 
 
 def xp_to_lamost(model: StellarLM, xp: np.ndarray, g=None) -> tuple[np.ndarray, np.ndarray]:
-    """(n, 110) XP coefficient tokens (bp_0..bp_54, rp_0..rp_54; NaN = missing) [+ G] ->
+    """(n, 114) XP flux tokens (xp_338..xp_1016; NaN = missing) [+ G] ->
     LAMOST-like flux (n, 200) and 1-sigma."""
     return ask(model, _with_g(as_columns(XP_NAMES, xp), g), LAMOST_NAMES)
 
