@@ -15,11 +15,11 @@ import argparse
 import sys
 import typing
 
-from pathlib import Path
-
 from .errors import DataFileError, StellarLMError
+from .pretrained import default_model_path
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default"
+# the shipped model: models/default in a source checkout, else the package data installed with the wheel
+DEFAULT_MODEL = default_model_path()
 
 
 def _data_build(args) -> int:
@@ -233,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=_train)
 
     q = sub.add_parser("query", help="ask a trained model for tokens given others (FITS, ECSV, CSV)")
-    q.add_argument("--model", required=True, help="model directory (model.safetensors + model.json)")
+    q.add_argument("--model", required=True,
+                   help="model directory (model.safetensors + model.json), or 'default' for the shipped model")
     q.add_argument("--input", required=True, help="table of stars: columns are token names (+ name_err), or a "
                    "Gaia archive XP_CONTINUOUS / XP_SAMPLED file")
     q.add_argument("--want", nargs="+", required=True, help="token names to predict")

@@ -3,7 +3,7 @@
 Example
 -------
 >>> from stellarlm import StellarLM
->>> model = StellarLM.load("models/default")
+>>> model = StellarLM.load("default")      # the shipped model; or a directory of your own
 >>> out = model.query({"teff": [4800.0], "logg": [2.5], "m_h": [-0.2]}, want=["g", "j", "xp_500"])
 >>> out.colnames
 ['g', 'g_err', 'j', 'j_err', 'xp_500', 'xp_500_err']
@@ -29,6 +29,7 @@ from tqdm import tqdm
 from .data.gaia_xp import relevant_bases_mask
 from .errors import BadValueError, UnknownTokenError
 from .predictive import Predictive, stack
+from .pretrained import resolve_model_path
 from .data.xp_basis import coefficients_to_tokens
 from .training import load_model, pick_device
 from .vocab import N_XP, XP_NAMES, Vocabulary
@@ -66,10 +67,62 @@ class StellarLM:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "auto", vocab: Vocabulary | None = None) -> StellarLM:
-        """Load ``model.safetensors`` + ``model.json`` from directory ``path``. If ``vocab`` is given, the
-        checkpoint must have been trained with the same token ids (else VocabularyMismatchError)."""
-        model, ckpt_vocab, meta = load_model(Path(path), vocab)
+        """Load a model: ``model.safetensors`` + ``model.json`` from directory ``path``.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            A model directory (one written by ``stellarlm train``), or ``"default"`` for the model
+            shipped with the package (an existing directory of that name wins, as in transformers'
+            ``from_pretrained``).
+        device : str
+            ``"auto"`` (CUDA, else MPS, else CPU), or a torch device such as ``"cpu"``.
+        vocab : Vocabulary, optional
+            If given, the checkpoint must have been trained with the same token ids (else
+            :class:`~stellarlm.errors.VocabularyMismatchError`).
+
+        Returns
+        -------
+        StellarLM
+
+        Examples
+        --------
+        >>> from stellarlm import StellarLM
+        >>> model = StellarLM.load("default", device="cpu")
+        >>> "teff" in model.names
+        True
+        """
+        model, ckpt_vocab, meta = load_model(resolve_model_path(path), vocab)
         return cls(model, ckpt_vocab, meta, device)
+
+    @classmethod
+    def pretrained(cls, name_or_path: str | os.PathLike = "default", device: str = "auto",
+                   vocab: Vocabulary | None = None) -> StellarLM:
+        """The shipped model by name, from any working directory (as transformers' ``from_pretrained``).
+
+        The weights come with the package (package data ``stellarlm.models_default``; the
+        repository's ``models/default`` in a source checkout), so nothing is downloaded.
+
+        Parameters
+        ----------
+        name_or_path : str or os.PathLike
+            ``"default"`` (the only shipped model so far; see
+            :data:`stellarlm.pretrained.PRETRAINED`) or a model directory, as for :meth:`load`.
+        device, vocab
+            As for :meth:`load`.
+
+        Returns
+        -------
+        StellarLM
+
+        Examples
+        --------
+        >>> from stellarlm import StellarLM
+        >>> model = StellarLM.pretrained()
+        >>> model.meta["format"]
+        'stellarlm-model'
+        """
+        return cls.load(name_or_path, device=device, vocab=vocab)
 
     @property
     def names(self) -> list[str]:
@@ -283,7 +336,7 @@ class StellarLM:
 
         >>> import numpy as np
         >>> from stellarlm import StellarLM
-        >>> model = StellarLM.load("models/default")
+        >>> model = StellarLM.pretrained()
         >>> bp, rp = np.zeros((1, 55)), np.zeros((1, 55)); bp[0, 0] = rp[0, 0] = 5e4
         >>> out = model.labels_from_xp(bp, rp, [15.0], bp_n_relevant_bases=[20], rp_n_relevant_bases=[24])
         >>> out.colnames

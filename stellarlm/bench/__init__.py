@@ -6,6 +6,9 @@ baselines are trained on the identical training split with the identical inputs 
 the validation split; stellarlm is one trained model queried with each input set. It measures
 accuracy (overall, and in bins of Teff and G), calibration, speed, and draws the plots.
 
+Training the baselines takes minutes, so the doctests skip this example (``stellarlm bench --quick``
+runs it):
+
 >>> from stellarlm.bench import BenchConfig, run_benchmark, to_markdown
 >>> result = run_benchmark(BenchConfig(quick=True, out_dir="/tmp/bench"))   # doctest: +SKIP
 >>> print(to_markdown(result))                                               # doctest: +SKIP

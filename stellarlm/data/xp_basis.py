@@ -92,7 +92,13 @@ def xp_design_matrix() -> tuple[np.ndarray, np.ndarray]:
     with gaiaxpy_quietly():
         from gaiaxpy import calibrate
 
-        spectra, wave = calibrate(_unit_coefficient_frame(), truncation=False, save_file=False)
+        try:  # gaiaxpy's progress bars write to the sys.stdout it saw at import: redirecting cannot hide them
+            from gaiaxpy.calibrator.calibrator import _calibrate
+
+            quiet = {"disable_info": True}
+        except ImportError:
+            _calibrate, quiet = calibrate, {}
+        spectra, wave = _calibrate(_unit_coefficient_frame(), truncation=False, save_file=False, **quiet)
     design = np.stack([np.asarray(f, dtype=np.float64) for f in spectra["flux"]], axis=1)
     return np.asarray(wave, dtype=np.float64), design
 

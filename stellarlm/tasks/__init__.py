@@ -3,7 +3,7 @@
 Nothing here has a task-specific head or its own training: each task is a question put to the
 same trained network, given some tokens and asked for others.
 
-- :mod:`.generation`: labels -> XP coefficients (and a sampled spectrum) or a LAMOST-like spectrum
+- :mod:`.generation`: labels -> an XP spectrum (flux tokens and the sampled spectrum) or a LAMOST-like spectrum
 - :mod:`.inpainting`: any part of a spectrum -> the rest
 - :mod:`.translation`: XP <-> LAMOST-like (the LAMOST-like modality is SYNTHETIC in the embedded data)
 - :mod:`.extinction`: an extinction curve from spectra generated at increasing A_K
@@ -24,7 +24,12 @@ def ask(model: StellarLM, given: Mapping[str, np.ndarray], want: Sequence[str], 
         ) -> tuple[np.ndarray, np.ndarray]:
     """``model.query`` as plain arrays: (n, len(want)) means and 1-sigma uncertainties.
 
-    >>> mean, sigma = ask(model, {"teff": [4800.0], "logg": [2.5], "m_h": [0.0]}, ["g", "k"])  # doctest: +SKIP
+    >>> from stellarlm import StellarLM
+    >>> from stellarlm.tasks import ask
+    >>> model = StellarLM.pretrained()
+    >>> mean, sigma = ask(model, {"teff": [4800.0], "logg": [2.5], "m_h": [0.0]}, ["g", "k"])
+    >>> mean.shape, bool((sigma > 0).all())
+    ((1, 2), True)
     """
     out = model.query({k: np.atleast_1d(np.asarray(v, dtype=np.float64)) for k, v in given.items()}, list(want),
                       batch_size=batch_size)

@@ -13,9 +13,15 @@ curve A(lambda)/A(V) that published laws give (e.g. Gordon et al. 2023, G23, fro
 
 Example
 -------
+>>> from stellarlm import StellarLM
 >>> from stellarlm.tasks.extinction import extinction_curve, published_law
->>> curve = extinction_curve(model, teff=4800, logg=2.5, m_h=0.0, a_k=[0.0, 0.2, 0.4])  # doctest: +SKIP
->>> law = published_law(curve.wavelength_nm, "G23", r_v=3.1)                           # doctest: +SKIP
+>>> model = StellarLM.pretrained()
+>>> curve = extinction_curve(model, teff=4800, logg=2.5, m_h=0.0, a_k=[0.0, 0.2, 0.4])
+>>> curve.a_lambda.shape          # A(lambda) of the two reddened spectra (the first a_k is the reference)
+(2, 114)
+>>> law = published_law(curve.wavelength_nm, "G23", r_v=3.1)   # needs dust_extinction (the tasks extra)
+>>> law.shape
+(114,)
 """
 
 from __future__ import annotations

@@ -9,9 +9,13 @@ Example
 -------
 >>> from stellarlm import StellarLM
 >>> from stellarlm.tasks.generation import generate_xp
->>> model = StellarLM.load("models/default")                          # doctest: +SKIP
->>> xp = generate_xp(model, teff=4750, logg=2.5, m_h=-0.3, g=12.0)     # doctest: +SKIP
->>> wave_nm, flux, flux_err = xp.sampled()                            # doctest: +SKIP
+>>> model = StellarLM.pretrained()
+>>> xp = generate_xp(model, teff=4750, logg=2.5, m_h=-0.3, g=12.0)
+>>> xp.tokens.shape                                  # xp_338 .. xp_1016
+(1, 114)
+>>> wave_nm, flux, flux_err = xp.sampled()           # W m^-2 nm^-1 of a G = 12 star
+>>> flux.shape == flux_err.shape == (1, len(wave_nm))
+True
 """
 
 from __future__ import annotations

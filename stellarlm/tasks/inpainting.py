@@ -3,10 +3,20 @@ the missing ones with uncertainties.
 
 Example
 -------
+The red half of a real star's XP spectrum (astroquery's test star, G = 13.871) from its blue half:
+
 >>> import numpy as np
+>>> from stellarlm import StellarLM
+>>> from stellarlm.data.gaia_xp import astroquery_example_files, read_xp_continuous
 >>> from stellarlm.tasks.inpainting import inpaint
->>> xp = np.full((1, 110), np.nan); xp[0, :55] = bp_tokens                 # doctest: +SKIP
->>> filled, sigma = inpaint(model, XP_NAMES, xp, also={"g": [12.3]})      # doctest: +SKIP
+>>> from stellarlm.vocab import XP_BIN_CENTRES_NM, XP_NAMES
+>>> model = StellarLM.pretrained()
+>>> star = read_xp_continuous(astroquery_example_files()["XP_CONTINUOUS"]["ecsv"], g_mag=[13.871])
+>>> xp = star.select(XP_NAMES).values.astype(float)
+>>> xp[:, XP_BIN_CENTRES_NM >= 640] = np.nan                              # hide the red half
+>>> filled, sigma = inpaint(model, XP_NAMES, xp, also={"g": [13.871]})
+>>> filled.shape, bool(np.isfinite(filled).all())
+((1, 114), True)
 """
 
 from __future__ import annotations

@@ -12,8 +12,12 @@ Example
 >>> import numpy as np
 >>> from stellarlm.tasks.loci import kiel_locus, sample_logg
 >>> teff = np.linspace(3800, 6500, 28)
->>> logg, sigma = kiel_locus(model, teff, m_h=0.0)                       # doctest: +SKIP
->>> draws = sample_logg(model, teff, m_h=0.0, n_samples=50, seed=1)      # doctest: +SKIP
+>>> from stellarlm import StellarLM
+>>> model = StellarLM.pretrained()
+>>> logg, sigma = kiel_locus(model, teff, m_h=0.0)
+>>> draws = sample_logg(model, teff, m_h=0.0, n_samples=50, seed=1)
+>>> logg.shape, draws.shape
+((28,), (28, 50))
 """
 
 from __future__ import annotations

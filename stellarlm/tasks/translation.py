@@ -7,9 +7,15 @@ but says nothing about real LAMOST spectra until the model is trained on real on
 
 Example
 -------
+>>> from stellarlm import StellarLM
+>>> from stellarlm.tasks.generation import generate_xp
 >>> from stellarlm.tasks.translation import xp_to_lamost, lamost_to_xp
->>> flux, sigma = xp_to_lamost(model, xp_tokens, g=[12.3])             # doctest: +SKIP
->>> xp, xp_sigma = lamost_to_xp(model, flux)                           # doctest: +SKIP
+>>> model = StellarLM.pretrained()
+>>> xp_tokens = generate_xp(model, teff=4750, logg=2.5, m_h=-0.3).tokens
+>>> flux, sigma = xp_to_lamost(model, xp_tokens, g=[12.3])
+>>> xp, xp_sigma = lamost_to_xp(model, flux)
+>>> flux.shape, xp.shape
+((1, 200), (1, 114))
 """
 
 from __future__ import annotations
@@ -34,5 +40,5 @@ def xp_to_lamost(model: StellarLM, xp: np.ndarray, g=None) -> tuple[np.ndarray, 
 
 
 def lamost_to_xp(model: StellarLM, lamost: np.ndarray, g=None) -> tuple[np.ndarray, np.ndarray]:
-    """(n, 200) LAMOST-like flux tokens (NaN = missing) [+ G] -> XP coefficient tokens (n, 110) and 1-sigma."""
+    """(n, 200) LAMOST-like flux tokens (NaN = missing) [+ G] -> XP flux tokens (n, 114) and 1-sigma."""
     return ask(model, _with_g(as_columns(LAMOST_NAMES, lamost), g), XP_NAMES)

@@ -1,0 +1,83 @@
+"""Where the shipped models live: ``models/default`` in a source checkout, else package data.
+
+The default model (``model.safetensors``, ``model.json`` and its ``README.md``) is installed with
+the wheel as the package data ``stellarlm.models_default``, so ``StellarLM.load("default")`` works
+after a plain ``pip install`` from any working directory. In a source checkout or an editable
+install the repository's ``models/default`` is used, the same way :func:`stellarlm.vocab.default_vocab_path`
+finds ``vocab/tokens.json``. This module does not import torch.
+
+Example
+-------
+>>> from stellarlm.pretrained import PRETRAINED, default_model_path, resolve_model_path
+>>> PRETRAINED
+('default',)
+>>> sorted(p.name for p in default_model_path().iterdir() if p.name.startswith("model."))
+['model.json', 'model.safetensors']
+>>> resolve_model_path("default") == default_model_path()
+True
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+
+PRETRAINED = ("default",)  # names that StellarLM.load / StellarLM.pretrained accept besides directories
+_META_FILE = "model.json"  # as stellarlm.training.META_FILE (not imported: that module pulls in torch)
+
+
+def default_model_path() -> Path:
+    """The directory of the shipped default model.
+
+    The repository's ``models/default`` in a source checkout or an editable install, else the copy
+    installed as package data ``stellarlm.models_default``.
+
+    Returns
+    -------
+    pathlib.Path
+        A directory holding ``model.json`` and ``model.safetensors``.
+
+    Examples
+    --------
+    >>> from stellarlm.pretrained import default_model_path
+    >>> (default_model_path() / "model.json").is_file()
+    True
+    """
+    repo_dir = Path(__file__).resolve().parent.parent / "models" / "default"
+    if (repo_dir / _META_FILE).exists():
+        return repo_dir
+    return Path(str(resources.files("stellarlm.models_default").joinpath(_META_FILE))).parent
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
+    """The model directory that ``name_or_path`` stands for.
+
+    As in transformers' ``from_pretrained``, an existing local directory wins; otherwise a name in
+    :data:`PRETRAINED` (``"default"``) means the shipped model. Anything else is returned as a path
+    (loading it then reports the missing files).
+
+    Parameters
+    ----------
+    name_or_path : str or os.PathLike
+        A model directory (one written by ``stellarlm train``) or the name of a shipped model.
+
+    Returns
+    -------
+    pathlib.Path
+        The model directory.
+
+    Examples
+    --------
+    >>> from stellarlm.pretrained import resolve_model_path
+    >>> (resolve_model_path("default") / "model.safetensors").is_file()
+    True
+    >>> resolve_model_path("runs/my_model").as_posix()
+    'runs/my_model'
+    """
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if isinstance(name_or_path, str) and name_or_path in PRETRAINED:
+        return default_model_path()
+    return path
