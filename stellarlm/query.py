@@ -186,7 +186,7 @@ class StellarLM:
     def _check_inputs(self, values: dict, errors: dict) -> None:
         """Refuse, column by column (no (n_stars, n_tokens) copy), what cannot be an observation:
         an infinite value, a value outside the token's physical range (:meth:`Vocabulary.valid_range`),
-        an uncertainty that is infinite or not > 0 beside a value. NaN is "not observed" (a NaN
+        an uncertainty beside a value that is not > 0, infinite, or wider than that range. NaN is "not observed" (a NaN
         uncertainty: the typical one). The message names the column and the first bad row."""
         for name, v in values.items():
             lo, hi = self.vocab.valid_range(name)
@@ -200,6 +200,9 @@ class StellarLM:
                     _refuse(f"{name}_err", e, given & ~(e > 0), "is not a positive uncertainty (negative, zero)")
                     _refuse(f"{name}_err", e, given & np.isinf(e), "is an infinite uncertainty; use NaN for "
                             "'unknown' (the typical error is assumed) or leave the value out")
+                    # wider than every possible value: no information, and it overflows the model units
+                    _refuse(f"{name}_err", e, given & (e > hi - lo), f"is an uncertainty wider than the valid "
+                            f"range of {name!r} ({hi - lo:g} {self.vocab[name].unit}); leave the value out")
         observed = np.zeros(len(next(iter(values.values()))), dtype=bool)
         for v in values.values():
             observed |= np.isfinite(v)
