@@ -6,12 +6,13 @@ Public API::
 """
 
 from .data.table import TokenTable
-from .errors import (BadValueError, DataFileError, StellarLMError, UnknownTokenError,
+from .errors import (BadValueError, ConfigError, DataFileError, StellarLMError, UnknownTokenError,
                      VocabularyMismatchError)
 from .vocab import Token, Vocabulary
 
 __all__ = ["StellarLM", "Vocabulary", "Token", "TokenTable", "load_embedded", "StellarLMError", "UnknownTokenError",
-           "DataFileError", "VocabularyMismatchError", "BadValueError"]
+           "DataFileError", "VocabularyMismatchError", "BadValueError",
+           "ConfigError"]
 __version__ = "0.1.0"
 
 

@@ -70,7 +70,8 @@ def calibrate(model_dir: str | os.PathLike, inputs: Sequence[str], want: Sequenc
     from .data.embedded import load_embedded
     from .query import StellarLM
     from .tasks import ask
-    from .training import META_FILE, _atomic_write, load_model
+    from .integrity import atomic_write, write_checksums
+    from .training import META_FILE, WEIGHTS_FILE, load_model
 
     net, vocab, meta = load_model(model_dir)
     model = StellarLM(net, vocab, {**meta, "sigma_scale": {}})  # fit on the uncalibrated sigmas
@@ -81,5 +82,7 @@ def calibrate(model_dir: str | os.PathLike, inputs: Sequence[str], want: Sequenc
              for j, name in enumerate(want)}
     meta["sigma_scale"] = {k: round(v, 4) for k, v in scale.items()}
     meta["sigma_scale_fit"] = {"split": "val", "inputs": list(inputs), "clip": clip, "n_stars": len(val)}
-    _atomic_write(Path(model_dir) / META_FILE, lambda p: p.write_text(json.dumps(meta, indent=1)))
+    atomic_write(Path(model_dir) / META_FILE, lambda p: p.write_text(json.dumps(meta, indent=1)))
+    # model.json changed on purpose: its checksum with it (load_model verifies them)
+    write_checksums(model_dir, [WEIGHTS_FILE, META_FILE])
     return scale

@@ -76,12 +76,17 @@ def _train(args) -> int:
 
     from .data.embedded import load_embedded
     from .model import ModelConfig
-    from .training import TrainConfig, train
+    from .errors import ConfigError
+    from .training import TrainConfig, train, validate_config
 
     model_cfg = ModelConfig(**{f.name: getattr(args, f.name) for f in fields(ModelConfig)
                                if getattr(args, f.name, None) is not None})
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)
                          if f.name != "model" and getattr(args, f.name, None) is not None}, model=model_cfg)
+    # before the data load: a typo costs nothing
+    if args.max_stars is not None and args.max_stars < 1:
+        raise ConfigError(f"--max-stars must be an integer >= 1 (leave it out for all stars), got {args.max_stars}")
+    validate_config(cfg)
     table = load_embedded(args.cache_dir)
     if args.max_stars:
         table = table.subset(slice(0, args.max_stars))
@@ -89,23 +94,78 @@ def _train(args) -> int:
         for g in args.without:
             table.vocab.group(g)  # raises on an unknown group name
         table = table.select([n for n in table.names if table.vocab[n].group not in args.without])
-    out = train(table, cfg, resume=args.resume)
+    out = train(table, cfg, resume=args.resume, allow_config_change=args.allow_config_change)
     print(f"model written to {out}")
     return 0
+
+
+def _output_format(args) -> str:
+    """The astropy format ``--output`` will be written in, checked before any work: the output is
+    not the input, does not exist (unless --overwrite), its directory exists and is writable, and
+    its format is known (from --format or the extension). StellarLMError otherwise."""
+    import os
+
+    from astropy.io import registry
+    from astropy.table import Table
+
+    output, given = Path(args.output), Path(args.input)
+    if output.exists() and given.exists() and os.path.samefile(output, given):
+        raise StellarLMError(f"--output {output} is the --input file; choose another name (the input is never "
+                             "overwritten)")
+    if output.exists() and not args.overwrite:
+        raise StellarLMError(f"--output {output} exists; pass --overwrite to replace it")
+    if output.is_dir():
+        raise StellarLMError(f"--output {output} is a directory; give a file name")
+    folder = output.parent
+    if not folder.is_dir():
+        raise StellarLMError(f"--output {output}: directory {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise StellarLMError(f"--output {output}: directory {folder} is not writable")
+    if args.format:
+        return args.format
+    formats = registry.identify_format("write", Table, str(output), None, [], {})
+    if len(formats) != 1:
+        raise StellarLMError(f"--output {output}: cannot tell the table format from the extension "
+                             f"{''.join(output.suffixes) or '(none)'!r}; use .fits, .ecsv, .csv or pass --format")
+    return formats[0]
+
+
+def _write_table(table, path: Path, fmt: str) -> None:
+    """Write to a temporary file beside ``path`` and rename it over: a full disk or a kill leaves
+    no half-written output (and an existing one untouched)."""
+    import os
+
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # same extension: a .gz stays compressed
+    try:
+        table.write(tmp, format=fmt, overwrite=True)
+        os.replace(tmp, path)
+    except (OSError, ValueError, TypeError) as exc:  # full disk, read-only, a column the format cannot hold
+        raise StellarLMError(f"--output {path}: cannot write ({exc})") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _read_query_input(args):
     """The input table: token columns as they are, or a Gaia archive XP file (XP_CONTINUOUS with
     ``bp_coefficients``, or XP_SAMPLED with ``wavelength``/``flux``) turned into XP tokens + G by the
-    same readers as the Python API; then ``source_id`` and ``g_source`` are kept in the output."""
+    same readers as the Python API; then ``source_id`` and ``g_source`` are kept in the output.
+    Returns (table, columns to keep)."""
     from astropy.table import Table
 
     from .data.gaia_xp import _column_lookup, read_xp_sampled, xp_table_to_tokens
+    from .integrity import check_gzip
 
+    if not Path(args.input).exists():
+        raise DataFileError(args.input, "no such file")
+    check_gzip(args.input)  # a damaged .gz can otherwise decode to plausible numbers
     try:
         observed = Table.read(args.input, format=args.format) if args.format else Table.read(args.input)
     except Exception as exc:
         raise DataFileError(args.input, f"cannot read input table ({exc})") from exc
+    missing = [c for c in args.keep if c not in observed.colnames]
+    if missing:
+        raise DataFileError(args.input, f"--keep {' '.join(missing)}: no such column (columns: "
+                                        f"{', '.join(observed.colnames[:12])})")
     cols = _column_lookup(observed)
     g = "synthetic" if args.synthetic_g else (None if args.g_mag is None else [args.g_mag] * len(observed))
     if "bp_coefficients" in cols:
@@ -117,24 +177,32 @@ def _read_query_input(args):
     table = tokens.to_table()
     table.remove_columns(["star_id", "split"])
     table["g_source"] = tokens.meta["g_source_per_star"]
+    for c in args.keep:  # other columns of the archive file the user asked for, row for row
+        if c not in table.colnames:
+            if len(observed) != len(table):  # XP_SAMPLED: one star, a row per wavelength
+                raise DataFileError(args.input, f"--keep {c}: an XP_SAMPLED file has one row per wavelength")
+            table[c] = observed[c]
     return table, ["source_id", "g_source"]
 
 
 def _query(args) -> int:
     from .query import StellarLM, _token_of
 
+    fmt = _output_format(args)
     observed, ids = _read_query_input(args)
     args.keep = list(dict.fromkeys([*ids, *args.keep]))
     model = StellarLM.load(args.model)
-    keep = [c for c in observed.colnames if _token_of(c) in model.vocab or c in args.keep]
-    dropped = [c for c in observed.colnames if c not in keep]
+    tokens = [c for c in observed.colnames if _token_of(c) in model.vocab]
+    dropped = [c for c in observed.colnames if c not in tokens and c not in args.keep]
     if dropped and not args.ignore_unknown:
         raise StellarLMError(f"{args.input}: columns {dropped[:8]} are not token names; pass --ignore-unknown "
                              "to skip them or --keep NAME to copy them to the output")
-    out = model.query(observed[keep], args.want)
+    if not tokens:
+        raise StellarLMError(f"{args.input}: no column is a token name; nothing to ask the model with")
+    out = model.query(observed[tokens], args.want)
     for c in args.keep:
         out[c] = observed[c]
-    out.write(args.output, overwrite=True, **({"format": args.format} if args.format else {}))
+    _write_table(out, Path(args.output), fmt)
     print(f"wrote {len(out)} rows x {len(args.want)} tokens to {args.output}")
     return 0
 
@@ -216,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train a model on the embedded data set")
     tr.add_argument("--out", dest="out_dir", default="runs/default", help="output directory")
     tr.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
+    tr.add_argument("--allow-config-change", action="store_true",
+                    help="with --resume: continue even though options or data differ from the checkpoint's")
     tr.add_argument("--cache-dir", help="data cache directory")
     tr.add_argument("--max-stars", type=int, help="train on the first N stars only (quick runs)")
     tr.add_argument("--without", nargs="*", default=[], help="token groups to leave out (e.g. lamost)")
@@ -240,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--want", nargs="+", required=True, help="token names to predict")
     q.add_argument("--output", required=True, help="output table (format from the extension)")
     q.add_argument("--format", help="astropy table format, if the extension does not say (e.g. ascii.csv)")
-    q.add_argument("--keep", nargs="*", default=[], help="input columns to copy to the output (ids)")
+    q.add_argument("--keep", nargs="*", default=[], help="input columns to copy to the output (any column)")
+    q.add_argument("--overwrite", action="store_true", help="replace --output if it exists (never the input)")
     q.add_argument("--ignore-unknown", action="store_true", help="skip input columns that are not tokens")
     q.add_argument("--g-mag", type=float, help="G magnitude for a Gaia XP file that carries none (one star)")
     q.add_argument("--synthetic-g", action="store_true",

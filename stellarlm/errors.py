@@ -46,3 +46,8 @@ class VocabularyMismatchError(StellarLMError, ValueError):
 
 class BadValueError(StellarLMError, ValueError):
     """An input value that is present but unusable (infinite, wrong shape, wrong unit, ...)."""
+
+
+class ConfigError(StellarLMError, ValueError):
+    """A training or query option that cannot work (out of range, inconsistent with another option,
+    or changed since the checkpoint being resumed): names the option."""

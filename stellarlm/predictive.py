@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .errors import BadValueError
+
 
 @dataclass
 class Predictive:
@@ -73,7 +75,7 @@ class Predictive:
     def quantile(self, q: float, n_iter: int = 60) -> np.ndarray:
         """The ``q`` quantile (0 < q < 1) of each answer, (n_stars, n_names), by bisection."""
         if not 0.0 < q < 1.0:
-            raise ValueError(f"q must lie strictly between 0 and 1, not {q}")
+            raise BadValueError(f"q must lie strictly between 0 and 1, not {q}")
         lo = (self.mean - 10 * self.sigma).min(-1)
         hi = (self.mean + 10 * self.sigma).max(-1)
         for _ in range(n_iter):
@@ -88,6 +90,8 @@ class Predictive:
 
     def sample(self, n_samples: int, seed: int | None = None) -> np.ndarray:
         """(n_stars, n_names, n_samples) draws from each answer."""
+        if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) or n_samples < 0:
+            raise BadValueError(f"n_samples must be an integer >= 0, got {n_samples!r}")
         rng = np.random.default_rng(seed)
         cum = np.cumsum(self.weight, -1)
         u = rng.random(self.weight.shape[:2] + (n_samples,))

@@ -45,9 +45,31 @@ def _token_of(column: str) -> str:
 def _unmasked(values) -> np.ndarray:
     """A plain array; masked entries (empty cells of a CSV or FITS table) become NaN, i.e. missing,
     rather than whatever fill value sits under the mask."""
-    if np.ma.isMaskedArray(values) and np.asarray(values).dtype.kind in "fiub":
-        return np.atleast_1d(values.astype(np.float64).filled(np.nan))
-    return np.atleast_1d(np.asarray(values))
+    data, mask = _split_mask(values)
+    data = np.atleast_1d(np.asarray(data))
+    if mask is not None and data.dtype.kind in "fiu":
+        data = data.astype(np.float64)
+        data[np.broadcast_to(mask, data.shape)] = np.nan
+    return data
+
+
+def _split_mask(col):
+    """``col`` without its mask, and the mask (None if it has none): a numpy masked array or
+    astropy ``MaskedColumn`` (the data keeps its unit: the fill value sits under the mask), or an
+    astropy ``Masked`` Quantity. Every path from a table to tokens goes through here, so that a
+    masked cell stays missing whatever unit or fill value it has."""
+    from astropy.utils.masked import Masked
+
+    if isinstance(col, Masked):
+        return col.unmasked, np.asarray(col.mask, dtype=bool)
+    if np.ma.isMaskedArray(col):
+        mask = np.ma.getmaskarray(col)
+        if hasattr(col, "quantity"):  # MaskedColumn: keep it a Column, for its unit
+            from astropy.table import Column
+
+            return Column(col.data.data, unit=col.unit, copy=False), mask
+        return np.ma.getdata(col), mask
+    return col, None
 
 
 class StellarLM:
@@ -144,10 +166,10 @@ class StellarLM:
         cols = {}
         for name, col in raw.items():
             token = _token_of(name)
-            if getattr(col, "unit", None) is not None and token in self.vocab:
-                cols[name] = self._to_token_unit(name, token, col)
-            else:
+            if name in PASSTHROUGH or token not in self.vocab:
                 cols[name] = _unmasked(getattr(col, "value", col))
+            else:
+                cols[name] = self._token_values(name, token, col)
         if not cols:
             raise BadValueError("empty input: no columns given")
         lengths = {k: len(v) for k, v in cols.items()}
@@ -166,11 +188,7 @@ class StellarLM:
             base = _token_of(name)
             if base not in self.vocab:
                 raise UnknownTokenError(name, self.vocab.names + [f"{x}_err" for x in self.vocab.names])
-            try:
-                arr = np.asarray(col, dtype=np.float64)
-            except (TypeError, ValueError):
-                raise BadValueError(f"column {name!r} is not numeric") from None
-            (errors if name.endswith("_err") else values)[base] = arr
+            (errors if name.endswith("_err") else values)[base] = col
         for name in errors:
             if name not in values:
                 raise BadValueError(f"error column '{name}_err' given without a '{name}' column")
@@ -183,38 +201,89 @@ class StellarLM:
                                 + (f" (and {len(untrained) - 5} more)" if len(untrained) > 5 else "")
                                 + "; its answers for them would be meaningless")
 
+    def _token_values(self, column: str, token: str, col) -> np.ndarray:
+        """A token's column as float64 in the token's unit, NaN where masked. Complex, boolean and
+        non-numeric columns are refused (a cast would drop the imaginary part or read True as 1)."""
+        data, mask = _split_mask(col)
+        kind = np.asarray(getattr(data, "value", data)).dtype.kind
+        if kind == "O":  # e.g. a pandas column of Python floats: numeric if every cell converts
+            try:
+                data, kind = np.asarray(data, dtype=np.float64), "f"
+            except (TypeError, ValueError):
+                pass
+        if kind not in "fiu":
+            what = {"c": "complex", "b": "boolean"}.get(kind, f"not numeric (dtype {np.asarray(data).dtype})")
+            raise BadValueError(f"column {column!r} is {what}; expected real numbers (NaN for 'not observed')")
+        if getattr(data, "unit", None) is not None:
+            data = self._to_token_unit(column, token, data)
+        # no copy of a float64 column without a mask: a large query holds its input once
+        arr = np.atleast_1d(np.asarray(getattr(data, "value", data), dtype=np.float64))
+        if mask is not None:
+            arr = arr.copy()
+            arr[np.broadcast_to(mask, arr.shape)] = np.nan
+        return arr
+
     def _to_token_unit(self, column: str, token: str, col) -> np.ndarray:
+        """``col`` (a Column or Quantity with a unit, no mask) as an array in the token's unit."""
         import astropy.units as u
 
         unit = self.vocab[token].unit
         target = u.Unit(unit) if unit else u.dimensionless_unscaled
         try:
             q = col.quantity if hasattr(col, "quantity") else u.Quantity(col)
-            return _unmasked(q.to_value(target))
+            return q.to_value(target)
         except u.UnitConversionError:
             raise BadValueError(f"column {column!r} has unit {col.unit}, which cannot be converted to "
                                 f"{target} (token {token!r})") from None
 
-    def _encode_inputs(self, values: dict, errors: dict, n: int):
+    def _check_inputs(self, values: dict, errors: dict) -> None:
+        """Refuse, column by column (no (n_stars, n_tokens) copy), what cannot be an observation:
+        an infinite value, a value outside the token's physical range (:meth:`Vocabulary.valid_range`),
+        an uncertainty beside a value that is not > 0, infinite, or wider than that range. NaN is "not observed" (a NaN
+        uncertainty: the typical one). The message names the column and the first bad row."""
+        for name, v in values.items():
+            lo, hi = self.vocab.valid_range(name)
+            with np.errstate(invalid="ignore"):
+                _refuse(name, v, np.isinf(v), "is infinite; use NaN for 'not observed'")
+                _refuse(name, v, (v < lo) | (v > hi), f"lies outside the valid range of {name!r}, "
+                        f"{lo:g} to {hi:g} {self.vocab[name].unit}; use NaN for 'not observed'")
+                if name in errors:
+                    e = errors[name]
+                    given = np.isfinite(v) & ~np.isnan(e)
+                    _refuse(f"{name}_err", e, given & ~(e > 0), "is not a positive uncertainty (negative, zero)")
+                    _refuse(f"{name}_err", e, given & np.isinf(e), "is an infinite uncertainty; use NaN for "
+                            "'unknown' (the typical error is assumed) or leave the value out")
+                    # wider than every possible value: no information, and it overflows the model units
+                    _refuse(f"{name}_err", e, given & (e > hi - lo), f"is an uncertainty wider than the valid "
+                            f"range of {name!r} ({hi - lo:g} {self.vocab[name].unit}); leave the value out")
+        observed = np.zeros(len(next(iter(values.values()))), dtype=bool)
+        for v in values.values():
+            observed |= np.isfinite(v)
+        if not observed.any():
+            raise BadValueError("no star has any observed (non-NaN) token")
+
+    def _encode_inputs(self, values: dict, errors: dict, rows: slice):
+        """Stars ``rows`` in model units: token ids, values, errors (the typical training error where
+        none is given), which are present, and which stars have nothing. One batch at a time, so
+        that a query's memory does not grow with the number of stars."""
         names = list(values)
         ids = self.vocab.ids(names)
-        v = np.column_stack([values[k] for k in names])
-        e = np.column_stack([errors[k] if k in errors else np.full(n, np.nan) for k in names])
-        if np.isinf(v).any():
-            j = np.nonzero(np.isinf(v).any(0))[0][0]
-            raise BadValueError(f"column {names[j]!r} has infinite values; use NaN for 'not observed'")
-        bad_err = np.isfinite(v) & np.isfinite(e) & (e < 0)
-        if bad_err.any():
-            j = np.nonzero(bad_err.any(0))[0][0]
-            raise BadValueError(f"column '{names[j]}_err' has negative uncertainties")
-        vn, en = self.vocab.normalise(v, ids, e)
+        v = np.column_stack([values[k][rows] for k in names])
+        e = np.column_stack([errors[k][rows] if k in errors else np.full(len(v), np.nan) for k in names])
+        with np.errstate(invalid="ignore"):
+            vn, en = self.vocab.normalise(v, ids, e)
         # a value given without an error: assume the token's typical training error
         en = np.where(np.isfinite(en), en, self._typical_error[ids])
         present = np.isfinite(vn)
-        empty = ~present.any(1)
-        if empty.all():
-            raise BadValueError("no star has any observed (non-NaN) token")
-        return ids, vn, en, present, empty
+        return ids, vn, en, present, ~present.any(1)
+
+    def _batches(self, values: dict, errors: dict, n: int, batch_size: int, show: bool = False):
+        """:meth:`_encode_inputs` of each batch of ``batch_size`` stars: (slice, encoded)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise BadValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        for start in tqdm(range(0, n, batch_size), desc="query", unit="batch", disable=not show):
+            sl = slice(start, start + batch_size)
+            yield sl, self._encode_inputs(values, errors, sl)
 
     # --- queries --------------------------------------------------------------------------------
     def query(self, observed, want: Sequence[str], batch_size: int = 256, progress: bool | None = None):
@@ -257,7 +326,9 @@ class StellarLM:
     @torch.inference_mode()
     def _answer(self, observed, want, batch_size: int, progress: bool | None) -> tuple[Predictive, dict]:
         """The calibrated predictive mixture of ``want`` for each star, and the pass-through columns."""
-        want = [want] if isinstance(want, str) else list(want)
+        if want is None or not isinstance(want, (str, Sequence, np.ndarray)):
+            raise BadValueError(f"want must be a token name or a list of them, not {type(want).__name__}")
+        want = [want] if isinstance(want, str) else [str(w) for w in want]
         if not want:
             raise BadValueError("want is empty: name at least one token to predict")
         want_ids = self.vocab.ids(want)
@@ -266,20 +337,19 @@ class StellarLM:
         both = [w for w in want if w in values]
         if both:
             raise BadValueError(f"{both} are both given and wanted; drop them from one of the two")
-        ids, vn, en, present, empty = self._encode_inputs(values, errors, n)
+        self._check_inputs(values, errors)
         show = progress if progress is not None else n > 50_000
         q_ids = torch.as_tensor(want_ids, device=self.device)
         parts = []
-        for start in tqdm(range(0, n, batch_size), desc="query", unit="batch", disable=not show):
-            sl = slice(start, start + batch_size)
-            weight, mean, sigma = self._predict(ids, vn[sl], en[sl], present[sl], q_ids)
+        for _, (ids, vn, en, present, empty) in self._batches(values, errors, n, batch_size, show):
+            weight, mean, sigma = self._predict(ids, vn, en, present, q_ids)
             # each component to physical units on its own: the normalisation is not linear
             # (Vocabulary.normalise), so a wide mixture's moments are taken after it
             mean, sigma = self.vocab.denormalise(mean, want_ids[:, None], sigma)
+            for a in (weight, mean, sigma):
+                a[empty] = np.nan
             parts.append(Predictive(want, weight, mean, sigma))
         answer = stack(parts).widened(self._sigma_scale[want_ids])
-        for a in (answer.weight, answer.mean, answer.sigma):
-            a[empty] = np.nan
         return answer, passthrough
 
     def _predict(self, ids, vn, en, present, q_ids):
@@ -306,18 +376,18 @@ class StellarLM:
         """A fixed-length vector per star (mean of the encoded tokens) for similarity search."""
         values, errors, _, n = self._columns(observed)
         self._check_trained(list(values))
-        ids, vn, en, present, _ = self._encode_inputs(values, errors, n)
+        self._check_inputs(values, errors)
         out = []
         with torch.inference_mode():
-            for start in range(0, n, batch_size):
-                sl = slice(start, start + batch_size)
-                p = present[sl]
+            for _, (ids, vn, en, p, empty) in self._batches(values, errors, n, batch_size):
                 t = torch.as_tensor
                 mem, mem_mask = self.model.encode(t(np.broadcast_to(ids, p.shape).copy()),
-                                                  t(np.nan_to_num(vn[sl]), dtype=torch.float32),
-                                                  t(np.where(p, en[sl], 1.0), dtype=torch.float32), t(p))
+                                                  t(np.nan_to_num(vn), dtype=torch.float32),
+                                                  t(np.where(p, en, 1.0), dtype=torch.float32), t(p))
                 w = mem_mask.float().unsqueeze(-1)
-                out.append(((mem * w).sum(1) / w.sum(1).clamp_min(1)).numpy())
+                vec = ((mem * w).sum(1) / w.sum(1).clamp_min(1)).numpy()
+                vec[empty] = np.nan  # nothing observed: no vector (as query gives NaN), not zeros
+                out.append(vec)
         return np.concatenate(out)
 
     def labels_from_xp(self, bp_coefficients, rp_coefficients, phot_g_mean_mag, want=("teff", "logg", "m_h"),
@@ -344,6 +414,12 @@ class StellarLM:
         """
         g = np.atleast_1d(np.asarray(phot_g_mean_mag, dtype=float))
         n = len(g)
+        # G scales every XP token (vocab.xp_flux_scale): without a usable G there is no spectrum to
+        # give, and a wrong one (a flux passed as G) would be blamed on the coefficients
+        lo, hi = self.vocab.valid_range("g")
+        with np.errstate(invalid="ignore"):
+            _refuse("phot_g_mean_mag", g, ~((g >= lo) & (g <= hi)),
+                    f"is not a G magnitude ({lo:g} to {hi:g} mag); the XP tokens need each star's G")
 
         def stacked(what, bp, rp, width=N_XP):
             arrays = [np.atleast_2d(np.asarray(x, dtype=float)) for x in (bp, rp)]
@@ -373,6 +449,14 @@ class StellarLM:
         if bp_coefficient_errors is not None:
             obs.update({f"{name}_err": e for name, e in zip(XP_NAMES, errors.T)})
         return self.query(obs, list(want))
+
+
+def _refuse(column: str, values: np.ndarray, bad: np.ndarray, problem: str) -> None:
+    """BadValueError naming ``column`` and its first ``bad`` row, if there is one."""
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise BadValueError(f"column {column!r}, row {i}: {values[i]!r} {problem}"
+                            + (f" ({int(bad.sum())} rows in all)" if bad.sum() > 1 else ""))
 
 
 def _relevant_bases(n_relevant, n_stars: int, what: str) -> np.ndarray:

@@ -24,18 +24,26 @@ missing (random start and width, up to half the spectrum; + G half the time), an
 Targets are ordered by weighted sampling (Efraimidis & Spirakis 2006) with weight 1/group size,
 so the four labels are asked for as often as the 200 LAMOST bins.
 
-Checkpoints: ``<out>/checkpoint/`` holds the weights (safetensors), a JSON file with the model
-config, the vocabulary and its normalisation statistics, and the optimiser and RNG state; every
-file is written to a temporary name and renamed, the state file last, so a kill during a save
-leaves the previous checkpoint intact. ``resume=True`` continues from it: same step, optimiser
-and RNG state, so the resumed run ends with the same weights as an uninterrupted one.
+Checkpoints: ``<out>/checkpoint/step-000500/`` holds the weights (safetensors), a JSON file with
+the model config, the vocabulary and its normalisation statistics, the optimiser and RNG state,
+and ``checksums.json`` (SHA-256 of each). A save writes a new ``step-*.partial`` directory, renames
+it whole, then switches the one-line pointer ``<out>/checkpoint/latest`` (temporary file +
+``os.replace``) and only then deletes the previous checkpoint: a kill at any moment of a save
+leaves ``latest`` naming a complete checkpoint. ``resume=True`` continues from it (checksums
+verified): same step, optimiser and RNG state, so the resumed run ends with the same weights as an
+uninterrupted one. A resume with other options or other training data is refused
+(:class:`~stellarlm.errors.ConfigError`) unless ``allow_config_change``; a lock file on ``<out>``
+stops a second training from writing into the same directory.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -48,7 +56,8 @@ import torch
 from tqdm import tqdm
 
 from .data.table import TokenTable
-from .errors import DataFileError, VocabularyMismatchError
+from .errors import BadValueError, ConfigError, DataFileError, VocabularyMismatchError
+from .integrity import CHECKSUM_FILE, atomic_write, verify_checksums, write_checksums
 from .model import ModelConfig, StellarTransformer, gaussian_nll
 from .vocab import GROUPS, N_LAMOST, N_XP_BINS, XP_NAMES, Vocabulary
 
@@ -56,6 +65,9 @@ CHECKPOINT_DIR = "checkpoint"
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
 STATE_FILE = "train_state.pt"
+LATEST_FILE = "latest"  # one line: the name of the newest complete checkpoint directory
+LOCK_FILE = "train.lock"
+_STEP_DIR = re.compile(r"^step-\d{6,}$")
 
 
 @dataclass
@@ -250,16 +262,83 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def pick_device(name: str) -> torch.device:
+    """``auto`` (CUDA if there is one, else the CPU) or a torch device name that can be used here;
+    ConfigError names the option otherwise (rather than a CUDA traceback after the data load)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"--device {name!r} is not a device name (auto, cpu, cuda, cuda:0, mps)") from exc
+    available = {"cpu": lambda: True, "cuda": torch.cuda.is_available,
+                 "mps": lambda: torch.backends.mps.is_available()}
+    if not available.get(device.type, lambda: False)():
+        raise ConfigError(f"--device {name!r}: no such device on this machine (use --device auto or cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
+# --- options -----------------------------------------------------------------------------------
+# (option, test, what it must be): checked before any work, the error names the option as the
+# command line spells it
+_PROB = (lambda v: 0 <= v <= 1, "a probability in [0, 1]")
+_COUNT = (lambda v: v >= 1, "an integer >= 1")
+_CHECKS = {
+    "steps": _COUNT, "batch_size": _COUNT, "max_targets": _COUNT, "max_inputs": _COUNT,
+    "patch_size": _COUNT, "lamost_patch_size": _COUNT, "n_buckets": _COUNT, "workers": _COUNT,
+    "checkpoint_every": _COUNT,
+    "threads": (lambda v: v is None or v >= 1, "an integer >= 1"),
+    "warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
+    "eval_every": (lambda v: v >= 0, "an integer >= 0 (0: once per epoch)"),
+    "lr": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    "weight_decay": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "grad_clip": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    "input_noise": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "nll_beta": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "nll_beta_photometry": (lambda v: v is None or 0 <= v <= 1, "a number in [0, 1]"),
+    "min_lr_ratio": _PROB, "p_group": _PROB, "p_alone": _PROB, "p_half": _PROB, "p_gap": _PROB,
+    "p_gap_inpaint": _PROB,
+    "p_xp": (lambda v: v is None or 0 <= v <= 1, "a probability in [0, 1]"),
+    "max_minutes": (lambda v: v is None or (math.isfinite(v) and v > 0), "a number of minutes > 0"),
+}
+_MODEL_CHECKS = {
+    "d_model": _COUNT, "n_heads": _COUNT, "n_encoder_layers": _COUNT, "n_decoder_layers": _COUNT,
+    "mlp_ratio": _COUNT, "n_components": _COUNT,
+    "dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "logvar_min": (lambda v: math.isfinite(v), "a finite number"),
+    "logvar_max": (lambda v: math.isfinite(v), "a finite number"),
+}
+
+
+def _check_options(obj, checks: dict) -> None:
+    for name, (ok, what) in checks.items():
+        value = getattr(obj, name)
+        try:
+            good = ok(value)  # NaN fails every comparison, so --lr nan is refused here
+        except TypeError:
+            good = False
+        if not good:
+            raise ConfigError(f"--{name.replace('_', '-')} must be {what}, got {value!r}")
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Raise ConfigError naming the first option of ``cfg`` that cannot work: before any work, so a
+    typo does not cost a data load or end in a torch traceback."""
+    _check_options(cfg, _CHECKS)
+    _check_options(cfg.model, _MODEL_CHECKS)
+    if cfg.model.d_model % cfg.model.n_heads:
+        raise ConfigError(f"--d-model ({cfg.model.d_model}) must be a multiple of --n-heads ({cfg.model.n_heads})")
+    if cfg.model.logvar_min >= cfg.model.logvar_max:
+        raise ConfigError(f"--logvar-min ({cfg.model.logvar_min}) must be below --logvar-max ({cfg.model.logvar_max})")
+    pick_device(cfg.device)
 
 
 # --- checkpoints -------------------------------------------------------------------------------
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+def _phase(name: str) -> None:
+    """Called after each phase of a save (``weights``, ``meta``, ``state``, ``checksums``,
+    ``rename``, ``pointer``, ``cleanup``): a no-op that the kill tests replace with one that dies
+    there, as a SIGKILL would."""
 
 
 def typical_errors(data: NormalisedData, vocab: Vocabulary) -> dict[str, float]:
@@ -269,29 +348,54 @@ def typical_errors(data: NormalisedData, vocab: Vocabulary) -> dict[str, float]:
     return {vocab[int(i)].name: float(m) for i, m in zip(data.ids, med) if math.isfinite(float(m))}
 
 
-def save_model(directory: Path, model: StellarTransformer, vocab: Vocabulary, extra: dict) -> None:
-    """Weights (safetensors) + JSON (config, vocabulary, statistics, provenance), atomically."""
+def vocabulary_fingerprint(vocab: Vocabulary) -> str:
+    """SHA-256 of what the weights depend on in a vocabulary: each token's id, name, group, unit and
+    normalisation. Stored in the weights file, it ties the weights to their ``model.json``: a
+    description edited by hand changes nothing, teff and logg swapped are refused."""
+    rows = [(t.id, t.name, t.group, t.unit, repr(float(t.centre)), repr(float(t.scale))) for t in vocab.tokens]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+
+def _write_model_files(directory: Path, model: StellarTransformer, vocab: Vocabulary, extra: dict) -> list[str]:
+    """Weights (with the vocabulary's fingerprint) and ``model.json`` in ``directory``; their names."""
     from safetensors.torch import save_file
 
-    directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(state, str(p)))
+    metadata = {"vocabulary_sha256": vocabulary_fingerprint(vocab)}
+    atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata=metadata))
+    _phase("weights")
     meta = {"format": "stellarlm-model", "version": 1, "config": model.cfg.to_dict(),
             "vocabulary": json.loads(vocab.to_json()), **extra}
-    _atomic_write(directory / META_FILE, lambda p: p.write_text(json.dumps(meta, indent=1)))
+    atomic_write(directory / META_FILE, lambda p: p.write_text(json.dumps(meta, indent=1)))
+    _phase("meta")
+    return [WEIGHTS_FILE, META_FILE]
+
+
+def save_model(directory: Path, model: StellarTransformer, vocab: Vocabulary, extra: dict) -> None:
+    """Weights (safetensors) + JSON (config, vocabulary, statistics, provenance), each atomically,
+    then ``checksums.json``: a kill between the files leaves checksums that do not match, which
+    :func:`load_model` reports, rather than a silent mix of two models."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_checksums(directory, _write_model_files(directory, model, vocab, extra))
 
 
 def load_model(directory: str | os.PathLike, vocab: Vocabulary | None = None
                ) -> tuple[StellarTransformer, Vocabulary, dict]:
     """Read a model written by :func:`save_model`. If ``vocab`` is given it must match the
-    checkpoint's token for token (ids and names); otherwise :class:`VocabularyMismatchError`."""
-    from safetensors.torch import load_file
+    checkpoint's token for token (ids and names); otherwise :class:`VocabularyMismatchError`.
+
+    Checksums (``checksums.json``) are verified when present, and the vocabulary of ``model.json``
+    must be the one the weights were trained with (fingerprint in the weights file, when present);
+    a damaged or mismatched file raises :class:`DataFileError` naming it."""
+    from safetensors import safe_open
 
     directory = Path(directory)
     meta_path, weights_path = directory / META_FILE, directory / WEIGHTS_FILE
     for p in (meta_path, weights_path):
         if not p.exists():
             raise DataFileError(p, "checkpoint file missing")
+    verify_checksums(directory)
     try:
         meta = json.loads(meta_path.read_text())
         if meta.get("format") != "stellarlm-model":
@@ -299,8 +403,8 @@ def load_model(directory: str | os.PathLike, vocab: Vocabulary | None = None
         ckpt_vocab = Vocabulary.from_json(json.dumps(meta["vocabulary"]))
         # models written before these options existed: no value offset, one Gaussian per answer
         cfg = ModelConfig(**{"value_offset": False, "n_components": 1, **meta["config"]})
-    except (ValueError, KeyError, TypeError) as exc:
-        raise DataFileError(meta_path, f"not a stellarlm model description ({exc})") from exc
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+        raise DataFileError(meta_path, f"not a stellarlm model description ({type(exc).__name__}: {exc})") from exc
     if vocab is not None:
         theirs = [(t.id, t.name) for t in ckpt_vocab.tokens]
         ours = [(t.id, t.name) for t in vocab.tokens]
@@ -310,21 +414,165 @@ def load_model(directory: str | os.PathLike, vocab: Vocabulary | None = None
                                           f"(first difference: {diff[0]} vs {diff[1]})")
     model = StellarTransformer(cfg)
     try:
-        state = load_file(str(weights_path))
+        with safe_open(str(weights_path), framework="pt") as f:
+            expected = (f.metadata() or {}).get("vocabulary_sha256")
+            state = {k: f.get_tensor(k) for k in f.keys()}
         model.load_state_dict(state)
     except Exception as exc:
         raise DataFileError(weights_path, f"corrupt or mismatched weights ({exc})") from exc
+    if expected is not None and expected != vocabulary_fingerprint(ckpt_vocab):
+        raise DataFileError(meta_path, f"its vocabulary is not the one the weights in {weights_path.name} were "
+                                       "trained with (tokens renamed, reordered or renormalised)")
     return model.eval(), ckpt_vocab, meta
 
 
 def _save_checkpoint(out: Path, model, vocab, opt, gen: torch.Generator, step: int, cfg: TrainConfig,
-                     extra: dict) -> None:
-    ckpt = out / CHECKPOINT_DIR
-    save_model(ckpt, model, vocab, {**extra, "step": step})
+                     extra: dict, data_id: dict | None = None, window: tuple = ([], [])) -> None:
+    """A complete checkpoint directory ``step-NNNNNN``, then the ``latest`` pointer switched to it,
+    then the previous one removed (see the module doc). ``window``: the losses and gradient norms
+    since the last log line, so a resumed run logs the same numbers as an uninterrupted one."""
+    root = out / CHECKPOINT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:06d}"
+    final = root / name
+    if final.exists() and _latest_name(root) == name:
+        return  # this very step is already the complete latest checkpoint
+    partial = root / (name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)  # left by a save that was killed
+    partial.mkdir()
+    names = _write_model_files(partial, model, vocab, {**extra, "step": step})
     state = {"step": step, "optimizer": opt.state_dict(), "generator": gen.get_state(),
-             "torch_rng": torch.get_rng_state(), "train_config": _config_dict(cfg)}
-    # written last: its step names the weights beside it as complete
-    _atomic_write(ckpt / STATE_FILE, lambda p: torch.save(state, p))
+             "torch_rng": torch.get_rng_state(), "train_config": _config_dict(cfg), "data": data_id,
+             "window": [list(w) for w in window]}
+    atomic_write(partial / STATE_FILE, lambda p: torch.save(state, p))
+    _phase("state")
+    write_checksums(partial, names + [STATE_FILE])
+    _phase("checksums")
+    shutil.rmtree(final, ignore_errors=True)  # complete, but never pointed at: a killed run's
+    os.replace(partial, final)
+    _phase("rename")
+    atomic_write(root / LATEST_FILE, lambda p: p.write_text(name + "\n"))
+    _phase("pointer")
+    for old in root.iterdir():  # the previous checkpoint, and anything a killed save left
+        if old.is_dir() and old.name != name and (_STEP_DIR.match(old.name) or old.name.endswith(".partial")):
+            shutil.rmtree(old, ignore_errors=True)
+    _phase("cleanup")
+
+
+def _latest_name(root: Path) -> str | None:
+    """The checkpoint directory ``root/latest`` names, or None without a pointer."""
+    pointer = root / LATEST_FILE
+    if not pointer.exists():
+        return None
+    try:
+        name = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataFileError(pointer, f"unreadable checkpoint pointer ({type(exc).__name__}: {exc})") from exc
+    if not _STEP_DIR.match(name):
+        raise DataFileError(pointer, f"not a checkpoint pointer (expected 'step-NNNNNN', got {name[:40]!r})")
+    return name
+
+
+def latest_checkpoint(out: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint directory of a run in ``out``, or None if it has none. A run
+    written before checkpoint directories existed: ``<out>/checkpoint`` itself."""
+    root = Path(out) / CHECKPOINT_DIR
+    name = _latest_name(root)
+    if name is None:
+        return root if (root / STATE_FILE).exists() else None
+    if not (root / name).is_dir():
+        raise DataFileError(root / LATEST_FILE, f"points at {name}, which does not exist")
+    return root / name
+
+
+def _load_checkpoint(ckpt: Path, vocab: Vocabulary) -> tuple[StellarTransformer, dict, dict]:
+    """The weights, training state and ``model.json`` of a checkpoint directory, all verified."""
+    if ckpt.name != CHECKPOINT_DIR and not (ckpt / CHECKSUM_FILE).exists():
+        raise DataFileError(ckpt / CHECKSUM_FILE, "checksum file missing (incomplete checkpoint)")
+    loaded, _, meta = load_model(ckpt, vocab)  # verifies the checksums of all the files
+    try:
+        state = torch.load(ckpt / STATE_FILE, weights_only=False)
+        step = state["step"]
+    except Exception as exc:
+        raise DataFileError(ckpt / STATE_FILE, f"corrupt training state ({type(exc).__name__}: {exc})") from exc
+    if meta.get("step") != step:
+        raise DataFileError(ckpt, f"weights (step {meta.get('step')}) and state (step {step}) disagree")
+    return loaded, state, meta
+
+
+# Options that say how to run, not what to compute: they may change on --resume. (workers and
+# n_buckets change the order of sums, so a resume with others is equivalent but not bit-identical.)
+_RUNTIME_OPTIONS = ("out_dir", "device", "threads", "workers", "n_buckets", "max_minutes", "eval_every",
+                    "checkpoint_every")
+
+
+def _check_same_run(ckpt: Path, state: dict, cfg: TrainConfig, data_id: dict) -> None:
+    """Refuse to resume a checkpoint with other options or other training data (ConfigError)."""
+    before, now = state.get("train_config") or {}, _config_dict(cfg)
+    changed = [k for k in now if k not in _RUNTIME_OPTIONS and k in before and before[k] != now[k]]
+    if "model" in changed:
+        changed.remove("model")
+        changed += [f"model.{k}" for k in now["model"] if before["model"].get(k) != now["model"][k]]
+    if changed:
+        shown = ", ".join(f"--{k.split('.')[-1].replace('_', '-')} {_brief(before, k)} -> {_brief(now, k)}"
+                          for k in changed[:5])
+        raise ConfigError(f"{ckpt}: --resume with changed options ({shown}); resume with the same options, "
+                          "or pass --allow-config-change (allow_config_change=True) to continue anyway")
+    if state.get("data") and state["data"] != data_id:
+        raise ConfigError(f"{ckpt}: --resume on other training data ({state['data']['n_stars']} stars before, "
+                          f"{data_id['n_stars']} now, or other values: --max-stars, --without or the data cache "
+                          "changed); pass --allow-config-change to continue anyway")
+
+
+def _brief(d: dict, key: str):
+    for part in key.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    text = repr(d)
+    return text if len(text) < 40 else text[:37] + "..."
+
+
+def _data_id(data: NormalisedData) -> dict:
+    """What identifies the training data of a run: its size and a hash of its values and errors."""
+    h = hashlib.sha256()
+    for x in (data.ids, data.values, data.errors):
+        h.update(x.numpy().tobytes())
+    return {"n_stars": len(data), "sha256": h.hexdigest()}
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop the log lines after ``step`` (written by a run killed after its last checkpoint), so a
+    resumed run's log has each step once."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # half a line, written as the run was killed
+    atomic_write(path, lambda p: p.write_text("".join(k + "\n" for k in keep)))
+
+
+@contextmanager
+def _run_lock(out: Path) -> Iterator[None]:
+    """Hold ``<out>/train.lock`` (an OS lock, released when the process ends, even killed) so two
+    trainings cannot write into one directory; the second gets a ConfigError at once."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no lock
+        yield
+        return
+    with open(out / LOCK_FILE, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ConfigError(f"{out}: another training is writing into this --out directory "
+                              f"(it holds {out / LOCK_FILE}); wait for it or choose another --out") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def _config_dict(cfg: TrainConfig) -> dict:
@@ -459,17 +707,27 @@ def evaluate(model: StellarTransformer, data: NormalisedData, cfg: TrainConfig, 
 
 
 def train(table: TokenTable, cfg: TrainConfig, resume: bool = False, progress: bool = True,
-          stop_at: int | None = None) -> Path:
+          stop_at: int | None = None, allow_config_change: bool = False) -> Path:
     """Train on ``table``'s training split (validation split for the loss each epoch).
 
     ``stop_at`` halts after that step, as a killed run would (used to test ``resume``); the
-    learning-rate schedule still runs to ``cfg.steps``.
+    learning-rate schedule still runs to ``cfg.steps``. ``resume`` continues from the latest
+    checkpoint in ``cfg.out_dir`` (a fresh start if there is none); with other options or data
+    than the checkpoint's it raises ConfigError unless ``allow_config_change``.
 
     Returns the output directory, which then holds ``model.safetensors`` + ``model.json`` (the
     final model, for :meth:`stellarlm.StellarLM.load`), ``metrics.jsonl`` and ``checkpoint/``.
     """
+    validate_config(cfg)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    with _run_lock(out):
+        return _train_locked(table, cfg, out, resume, progress, stop_at, allow_config_change)
+
+
+def _train_locked(table: TokenTable, cfg: TrainConfig, out: Path, resume: bool, progress: bool,
+                  stop_at: int | None, allow_config_change: bool) -> Path:
+    """:func:`train`, with ``<out>`` locked."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
@@ -477,7 +735,7 @@ def train(table: TokenTable, cfg: TrainConfig, resume: bool = False, progress: b
     train_data = NormalisedData.from_table(table.subset("train"), vocab)
     val_data = NormalisedData.from_table(table.subset("val"), vocab)
     if len(train_data) == 0:
-        raise ValueError("the table has no training stars (split == 0)")
+        raise BadValueError("the table has no training stars (split == 0)")
 
     torch.manual_seed(cfg.seed)
     cfg.model.n_vocab = len(vocab)
@@ -495,21 +753,24 @@ def train(table: TokenTable, cfg: TrainConfig, resume: bool = False, progress: b
     extra = {"typical_error": typical_errors(train_data, vocab), "data": table.meta.get("name"),
              "trained_tokens": list(table.names),
              "train_config": _config_dict(cfg)}
-    step = 0
-    ckpt = out / CHECKPOINT_DIR
-    if resume and (ckpt / STATE_FILE).exists():
+    data_id = _data_id(train_data)
+    step, running, norms = 0, [], []
+    ckpt = latest_checkpoint(out) if resume else None
+    if ckpt is not None:
+        loaded, state, _ = _load_checkpoint(ckpt, vocab)
+        if not allow_config_change:
+            _check_same_run(ckpt, state, cfg, data_id)
         try:
-            state = torch.load(ckpt / STATE_FILE, weights_only=False)
-        except Exception as exc:
-            raise DataFileError(ckpt / STATE_FILE, f"corrupt training state ({exc})") from exc
-        loaded, _, meta = load_model(ckpt, vocab)
-        if meta.get("step") != state["step"]:
-            raise DataFileError(ckpt, f"weights (step {meta.get('step')}) and state (step {state['step']}) disagree")
-        model.load_state_dict(loaded.state_dict())
-        opt.load_state_dict(state["optimizer"])
+            model.load_state_dict(loaded.state_dict())
+            opt.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise ConfigError(f"{ckpt}: the checkpoint's model or optimiser does not fit the options given "
+                              f"({type(exc).__name__}: {str(exc)[:200]})") from exc
         gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         step = state["step"]
+        running, norms = state.get("window", ([], []))
+        _trim_metrics(out / "metrics.jsonl", step)
     elif not resume and (out / "metrics.jsonl").exists():
         (out / "metrics.jsonl").unlink()  # a fresh run starts a fresh log
 
@@ -519,7 +780,6 @@ def train(table: TokenTable, cfg: TrainConfig, resume: bool = False, progress: b
     metrics = open(out / "metrics.jsonl", "a")
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not progress)
     model.train()
-    running, norms = [], []
     with worker_pool(cfg.workers, device) as pool:
         while step < cfg.steps:
             for g in opt.param_groups:
@@ -544,7 +804,7 @@ def train(table: TokenTable, cfg: TrainConfig, resume: bool = False, progress: b
                 bar.set_postfix(train=f"{rec['train_loss']:.3f}", val=f"{val:.3f}")
                 running, norms = [], []
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or out_of_time or step == stop_at:
-                _save_checkpoint(out, model, vocab, opt, gen, step, cfg, extra)
+                _save_checkpoint(out, model, vocab, opt, gen, step, cfg, extra, data_id, (running, norms))
             if out_of_time or step == stop_at:
                 break
     bar.close()

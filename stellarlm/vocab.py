@@ -55,6 +55,17 @@ def xp_flux_scale(g) -> np.ndarray:
 
 GROUPS = ("xp_bp", "xp_rp", "label", "photometry", "extinction", "astrometry", "lamost")
 
+# Physical valid range of each token's value, in its unit (by name, else by group): a value outside
+# is a unit mistake, a sentinel (-9999) or a typo, never a star, and the network would answer it
+# with a plausible-looking number. Wide on purpose: they catch the impossible, not the unusual. The
+# XP and LAMOST-like fluxes are scaled (to G = 15, or by the median), so they are of order 1; noisy
+# faint spectra reach small negative values.
+VALID_RANGES: dict[str, tuple[float, float]] = {
+    "teff": (1000.0, 100_000.0), "logg": (-1.0, 6.0), "m_h": (-5.0, 1.5), "alpha_m": (-1.0, 2.0),
+    "photometry": (-2.0, 30.0), "a_k": (-1.0, 10.0), "parallax": (-100.0, 1000.0),
+    "xp_bp": (-1e6, 1e6), "xp_rp": (-1e6, 1e6), "lamost": (-1e3, 1e4),
+}
+
 
 @dataclass(frozen=True)
 class Token:
@@ -173,6 +184,15 @@ class Vocabulary:
         if group not in GROUPS:
             raise UnknownTokenError(group, GROUPS)
         return [t.name for t in self.tokens if t.group == group]
+
+    def valid_range(self, name: str) -> tuple[float, float]:
+        """The physical valid range of token ``name``'s value (:data:`VALID_RANGES`; unbounded if none).
+
+        >>> Vocabulary.default().valid_range("teff")
+        (1000.0, 100000.0)
+        """
+        token = self[name]
+        return VALID_RANGES.get(token.name, VALID_RANGES.get(token.group, (-math.inf, math.inf)))
 
     def patches(self, size: int, lamost_size: int | None = None) -> list[int]:
         """Patch id of each token id: runs of ``size`` neighbouring XP bins of a band (and of

@@ -10,8 +10,8 @@ import torch
 from stellarlm import BadValueError, DataFileError, StellarLM, UnknownTokenError, VocabularyMismatchError
 from stellarlm.model import ModelConfig, StellarTransformer
 from stellarlm.vocab import XP_NAMES, Vocabulary, robust_scatter
-from stellarlm.training import (NormalisedData, TrainConfig, _buckets, batch_loss, load_model, parallel_backward,
-                                sample_batch, save_model, train)
+from stellarlm.training import (NormalisedData, TrainConfig, _buckets, batch_loss, latest_checkpoint, load_model,
+                                parallel_backward, sample_batch, save_model, train)
 
 from conftest import TINY, XP_G, _slice
 
@@ -288,6 +288,7 @@ def test_models_from_before_the_value_offset_and_the_mixture_still_load(tmp_path
     meta = json.loads((tmp_path / "model.json").read_text())
     del meta["config"]["value_offset"], meta["config"]["n_components"]  # as written before the options existed
     (tmp_path / "model.json").write_text(json.dumps(meta))
+    (tmp_path / "checksums.json").unlink()  # nor were checksums written then
     loaded, _, _ = load_model(tmp_path)
     assert loaded.embed.offset is None and loaded.cfg.n_components == 1
     for a, b in zip(old.state_dict().values(), loaded.state_dict().values()):
@@ -307,7 +308,7 @@ def test_resumed_run_ends_with_the_same_weights(small_embedded, tmp_path):
     for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
         torch.testing.assert_close(pa, pb, rtol=0, atol=0, msg=name)
     # a damaged training state is refused with a clear message
-    (tmp_path / "killed" / "checkpoint" / "train_state.pt").write_bytes(b"garbage")
+    (latest_checkpoint(tmp_path / "killed") / "train_state.pt").write_bytes(b"garbage")
     with pytest.raises(DataFileError, match="train_state.pt"):
         train(t, cfg(tmp_path / "killed"), progress=False, resume=True)
 

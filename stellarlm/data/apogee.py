@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataFileError
+from ..integrity import check_gzip
 from ..vocab import Vocabulary
 from .table import TokenTable
 
@@ -102,6 +103,7 @@ def read_allstar(path: str | Path, hdu: int | str = 1, *, vocab: Vocabulary | No
     vocab = vocab or Vocabulary.default()
     if not path.exists():
         raise DataFileError(path, "no such file")
+    check_gzip(path)  # astropy may stop before the CRC at the end of a damaged stream
     try:
         hdul = fits.open(path, memmap=True)
     except Exception as exc:  # astropy raises OSError/ValueError/... for a damaged file

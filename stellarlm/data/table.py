@@ -263,18 +263,26 @@ class TokenTable:
         for key in ("values", "errors", "source_id", "split", "star_id"):
             if key not in arrays:
                 raise DataFileError(path, "array missing from file", column=key)
-        file_vocab = Vocabulary.from_json(header["vocab"])
-        names = json.loads(header["names"])
+        try:
+            file_vocab = Vocabulary.from_json(header["vocab"])
+            names = json.loads(header["names"])
+            meta = json.loads(header["meta"])
+            star_id = np.array([b.decode("utf-8") for b in arrays["star_id"]
+                                .view(f"S{arrays['star_id'].shape[1]}").ravel()], dtype=object)
+            [file_vocab[n] for n in names]  # every column a token of the file's vocabulary
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError, UnicodeDecodeError) as exc:
+            raise DataFileError(path, f"damaged token table header ({type(exc).__name__}: {exc})") from exc
         if vocab is not None:
             for n in names:
                 if n not in vocab or vocab[n].id != file_vocab[n].id:
                     raise VocabularyMismatchError(
                         f"{path}: token {n!r} has id {file_vocab[n].id} in the file but "
                         f"{vocab[n].id if n in vocab else 'none'} in the vocabulary in use")
-        star_id = np.array([b.decode("utf-8") for b in arrays["star_id"].view(f"S{arrays['star_id'].shape[1]}")
-                            .ravel()], dtype=object)
-        return cls(vocab or file_vocab, names, arrays["values"], arrays["errors"], arrays["source_id"],
-                   star_id, arrays["split"], json.loads(header["meta"]))
+        try:
+            return cls(vocab or file_vocab, names, arrays["values"], arrays["errors"], arrays["source_id"],
+                       star_id, arrays["split"], meta)
+        except (ValueError, KeyError) as exc:  # arrays of the wrong shape, values without errors, ...
+            raise DataFileError(path, f"inconsistent token table ({type(exc).__name__}: {exc})") from exc
 
     def __repr__(self) -> str:
         counts = np.bincount(self.split, minlength=3)
