@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import typing
+from pathlib import Path
 
 from .errors import DataFileError, StellarLMError
 from .pretrained import default_model_path

@@ -50,3 +50,24 @@ def test_query_reports_an_unreadable_input(tiny_model, tmp_path, capsys):
 def test_data_info_on_a_missing_build(tmp_path, capsys):
     rc = main(["data", "info", "--cache-dir", str(tmp_path)])
     assert rc == 2 and "stellarlm data build" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("product, extra", [("XP_CONTINUOUS", ["--synthetic-g"]), ("XP_SAMPLED", ["--g-mag", "13.871"])])
+def test_query_reads_a_gaia_archive_xp_file(tiny_model, tmp_path, product, extra):
+    """An archive XP file goes through the same readers as the Python API: the output carries the
+    source id, where G came from, and the answers the API gives for the same star."""
+    from stellarlm.data.gaia_xp import astroquery_example_files, read_xp_continuous
+
+    model, model_dir = tiny_model
+    src = astroquery_example_files()[product]["ecsv"]
+    dst = tmp_path / "labels.fits"
+    rc = main(["query", "--model", str(model_dir), "--input", str(src), "--want", "teff", "--output", str(dst),
+               *extra])
+    assert rc == 0
+    out = Table.read(dst)
+    assert list(out["source_id"]) == [5937083312263887616]
+    want_g = "synthetic (gaiaxpy generate)" if product == "XP_CONTINUOUS" else "g_mag argument"
+    assert out["g_source"][0] == want_g
+    t = read_xp_continuous(astroquery_example_files()["XP_CONTINUOUS"]["ecsv"], g_mag=[13.871])
+    direct = model.query(t.observed(t.names), ["teff"])
+    assert abs(out["teff"][0] - direct["teff"][0]) < 0.01 * direct["teff_err"][0]
