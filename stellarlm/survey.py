@@ -420,7 +420,7 @@ def _finished(out: Path, model_sha: str) -> bool:
 
 
 def _producer(path: Path, chunk_rows: int, photometry: Photometry | None, synthetic_g: bool, q: queue.Queue,
-              stop: threading.Event, hasher: list, timing: dict) -> None:
+              stop: threading.Event, hasher: list, timing: dict, parse_threads: int = 1) -> None:
     """Read, check and tokenise chunks of ``path`` into ``q`` (a thread: parsing and token maths
     release the GIL, so they overlap the model); ends with None, or the exception."""
     from .data.gaia_bulk import iter_xp_chunks
@@ -430,7 +430,7 @@ def _producer(path: Path, chunk_rows: int, photometry: Photometry | None, synthe
     assumed_g_err = Vocabulary.default()["g"].assumed_error
     try:
         t0 = time.perf_counter()
-        for chunk in iter_xp_chunks(path, chunk_rows, hasher=hasher):
+        for chunk in iter_xp_chunks(path, chunk_rows, hasher=hasher, workers=parse_threads):
             if stop.is_set():
                 return
             check_chunk(chunk, path)
@@ -467,7 +467,7 @@ def _producer(path: Path, chunk_rows: int, photometry: Photometry | None, synthe
 
 def label_one(path: Path, out_dir: Path, labeller: Labeller, *, chunk_rows: int = 2048,
               photometry: Photometry | None = None, synthetic_g: bool = False, progress: bool = True,
-              position: int = 0, _stop_after_chunks: int | None = None) -> FileResult:
+              position: int = 0, parse_threads: int = 1, _stop_after_chunks: int | None = None) -> FileResult:
     """Label one input into ``out_dir/<stem>.labels.fits`` (atomically). Raises on failure."""
     from tqdm import tqdm
 
@@ -479,7 +479,7 @@ def label_one(path: Path, out_dir: Path, labeller: Labeller, *, chunk_rows: int 
     hasher: list = []
     timing = {"parse": 0.0}
     worker = threading.Thread(target=_producer, args=(path, chunk_rows, photometry, synthetic_g, q, stop, hasher,
-                                                      timing), daemon=True)
+                                                      timing, parse_threads), daemon=True)
     worker.start()
     cols: dict[str, list] = {}
     model_s = 0.0
@@ -574,7 +574,8 @@ def label_files(inputs: Sequence[str | os.PathLike], model: str | os.PathLike, o
                 synthetic_g: bool = False, quantiles: Sequence[float] = (), threads: int | None = None,
                 batch_size: int | None = None, device: str = "cpu", compile: bool = False,
                 chunk_rows: int = 2048, progress: bool = True, rank: int | None = None,
-                world_size: int | None = None, amp: bool | None = None) -> list[FileResult]:
+                world_size: int | None = None, amp: bool | None = None, parse_threads: int = 1
+                ) -> list[FileResult]:
     """Label every input (this rank's share of them) into ``out_dir``; see the module doc.
 
     Returns one :class:`FileResult` per input of this rank (``status`` done, skipped or failed,
@@ -612,7 +613,8 @@ def label_files(inputs: Sequence[str | os.PathLike], model: str | os.PathLike, o
             tmp.unlink()
         try:
             res = label_one(path, out_dir, labeller, chunk_rows=chunk_rows, photometry=phot,
-                            synthetic_g=synthetic_g, progress=progress, position=rank if world > 1 else 0)
+                            synthetic_g=synthetic_g, progress=progress, position=rank if world > 1 else 0,
+                            parse_threads=parse_threads)
             log.info("rank %d: %s -> %s: %d stars in %.1f s (%.0f stars/s)", rank, path, out.name, res.stars,
                      res.seconds, res.stars / max(res.seconds, 1e-9))
         except (StellarLMError, OSError, ValueError, RuntimeError, MemoryError) as exc:
@@ -661,6 +663,8 @@ def add_label_command(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--batch-size", type=int, default=None, help="stars per model batch (default 2048 CPU, 32768 GPU)")
     p.add_argument("--chunk-rows", type=int, default=2048, help="rows read and parsed at a time")
+    p.add_argument("--parse-threads", type=int, default=1, help="threads parsing text chunks at once (bulk files; "
+                   "the parser releases the GIL): 2 on a 2-core machine with --threads 1")
     p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on CPU too (on by default on CUDA); "
                    "~1.5x faster on CPUs with AVX512-BF16, answers differ by bf16 rounding")
@@ -674,7 +678,7 @@ def _label_command(args) -> int:
                           synthetic_g=args.synthetic_g, quantiles=args.quantiles, threads=args.threads,
                           batch_size=args.batch_size, device=args.device, compile=args.compile,
                           chunk_rows=args.chunk_rows, progress=not args.no_progress,
-                          amp=True if args.bf16 else None)
+                          amp=True if args.bf16 else None, parse_threads=args.parse_threads)
     done = [r for r in results if r.status == "done"]
     failed = [r for r in results if r.status == "failed"]
     stars = sum(r.stars for r in done)

@@ -74,6 +74,9 @@ def test_bulk_reader_gzip_null_and_empty(tmp_path, rows):
     plain = _write(tmp_path / "plain.csv", header, lines)
     again = np.concatenate([c.coefficients for c in iter_bulk_xp(plain, chunk_rows=100)])
     np.testing.assert_array_equal(again, coeff)
+    threaded = list(iter_bulk_xp(path, chunk_rows=2, workers=2))  # chunks parsed in threads, in order
+    np.testing.assert_array_equal(np.concatenate([c.source_id for c in threaded]), sid)
+    np.testing.assert_array_equal(np.concatenate([c.correlations for c in threaded]), corr)
 
 
 @pytest.mark.parametrize("damage, what", [
@@ -87,10 +90,11 @@ def test_bulk_reader_malformed_row_names_the_line(tmp_path, rows, damage, what):
     lines[5] = damage(lines[5])
     path = _write(tmp_path / "bad.csv.gz", header, lines)
     line_no = header.count(b"\n") + 6  # header lines, then the sixth data row
-    with pytest.raises(DataFileError) as err:
-        list(iter_xp_chunks(path, chunk_rows=4))
-    msg = str(err.value)
-    assert "bad.csv.gz" in msg and f"line {line_no}" in msg and what in msg, msg
+    for workers in (1, 2):
+        with pytest.raises(DataFileError) as err:
+            list(iter_xp_chunks(path, chunk_rows=4, workers=workers))
+        msg = str(err.value)
+        assert "bad.csv.gz" in msg and f"line {line_no}" in msg and what in msg, msg
 
 
 def test_fast_tokens_match_xp_basis(rows):

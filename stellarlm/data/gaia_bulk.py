@@ -244,12 +244,13 @@ def _scalar(field: bytes) -> float:
     return float(s)
 
 
-def iter_bulk_xp(path: str | Path, chunk_rows: int = DEFAULT_CHUNK_ROWS, *, hasher: list | None = None
-                 ) -> Iterator[XpChunk]:
+def iter_bulk_xp(path: str | Path, chunk_rows: int = DEFAULT_CHUNK_ROWS, *, hasher: list | None = None,
+                 workers: int = 1) -> Iterator[XpChunk]:
     """Chunks of a Gaia bulk ``XpContinuousMeanSpectrum_*.csv(.gz)`` (or any ECSV/CSV with the
     same columns), ``chunk_rows`` stars at a time; memory is bounded by one chunk (~40 kB of text
     and ~26 kB of floats per star). ``hasher``: a list that receives the :class:`HashingReader`
-    (its ``sha256`` of the file as stored, ``bytes_read`` for progress).
+    (its ``sha256`` of the file as stored, ``bytes_read`` for progress). ``workers`` > 1 parses that
+    many chunks at once in threads (the float parser and gunzip release the GIL), in order.
 
     Raises :class:`DataFileError` naming the file and the 1-based line of any malformed row
     (wrong number of fields or elements, a value that is not a number, a missing source id).
@@ -262,7 +263,7 @@ def iter_bulk_xp(path: str | Path, chunk_rows: int = DEFAULT_CHUNK_ROWS, *, hash
         hasher.append(raw)
     try:
         f = open_text_stream(path, raw)
-        yield from _bulk_chunks(f, path, chunk_rows)
+        yield from _bulk_chunks(f, path, chunk_rows, workers)
         raw.digest = raw.finish()
     except (OSError, EOFError, gzip.BadGzipFile, UnicodeDecodeError) as exc:
         raise DataFileError(path, f"cannot read the file ({type(exc).__name__}: {exc})") from exc
@@ -270,7 +271,7 @@ def iter_bulk_xp(path: str | Path, chunk_rows: int = DEFAULT_CHUNK_ROWS, *, hash
         raw.close()
 
 
-def _bulk_chunks(f, path: Path, chunk_rows: int) -> Iterator[XpChunk]:
+def _bulk_chunks(f, path: Path, chunk_rows: int, workers: int = 1) -> Iterator[XpChunk]:
     delimiter = b","
     line_no = 0
     header = None
@@ -295,19 +296,46 @@ def _bulk_chunks(f, path: Path, chunk_rows: int) -> Iterator[XpChunk]:
     except (ValueError, UnicodeDecodeError) as exc:
         raise DataFileError(path, f"line {line_no}: cannot read the column names ({exc})") from None
     layout = _Layout(names, path, line_no)
-    while True:
-        lines, first = [], line_no + 1
-        for _ in range(chunk_rows):
-            line = f.readline()
-            if not line:
-                break
-            line_no += 1
-            lines.append(line)
-        if not lines:
-            return
-        chunk = _parse_lines(lines, first, layout, path, delimiter)
-        if len(chunk):
-            yield chunk
+
+    def blocks():
+        nonlocal line_no
+        while True:
+            lines, first = [], line_no + 1
+            for _ in range(chunk_rows):
+                line = f.readline()
+                if not line:
+                    break
+                line_no += 1
+                lines.append(line)
+            if not lines:
+                return
+            yield lines, first
+
+    if workers <= 1:
+        for lines, first in blocks():
+            chunk = _parse_lines(lines, first, layout, path, delimiter)
+            if len(chunk):
+                yield chunk
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="xp-parse") as pool:
+        pending: deque = deque()
+        try:
+            for lines, first in blocks():
+                pending.append(pool.submit(_parse_lines, lines, first, layout, path, delimiter))
+                while len(pending) > workers:
+                    chunk = pending.popleft().result()
+                    if len(chunk):
+                        yield chunk
+            while pending:
+                chunk = pending.popleft().result()
+                if len(chunk):
+                    yield chunk
+        finally:
+            for fut in pending:
+                fut.cancel()
 
 
 def _parse_lines(lines: list[bytes], first: int, layout: _Layout, path: Path, delimiter: bytes) -> XpChunk:
@@ -355,7 +383,7 @@ def _parse_lines(lines: list[bytes], first: int, layout: _Layout, path: Path, de
         slow[row] = arrays
         scalars.append(fields)
     n = len(keep)
-    flat = np.full((n, layout.row_width), np.nan)
+    flat = np.full((n, layout.row_width), np.nan) if len(regular_rows) < n else None
     if regular_rows:
         buf = b",".join(regular_pieces).translate(_TO_LINES)
         try:
@@ -372,7 +400,10 @@ def _parse_lines(lines: list[bytes], first: int, layout: _Layout, path: Path, de
                     except ValueError as exc:
                         raise DataFileError(path, f"line {first + keep[row]}: malformed row ({exc})") from None
             raise DataFileError(path, f"lines {first}-{first + len(lines) - 1}: unparseable numbers")
-        flat[regular_rows] = values.reshape(len(regular_rows), layout.row_width)
+        if flat is None:  # every row regular: the parsed numbers are the table
+            flat = values.reshape(n, layout.row_width)
+        else:
+            flat[regular_rows] = values.reshape(len(regular_rows), layout.row_width)
     for row, arrays in slow.items():
         for j, arr in enumerate(arrays):
             if arr is not None:
@@ -520,8 +551,8 @@ def _arrow_column(col):
     return np.asarray(col.to_numpy(zero_copy_only=False))
 
 
-def iter_xp_chunks(path: str | Path, chunk_rows: int = DEFAULT_CHUNK_ROWS, *, hasher: list | None = None
-                   ) -> Iterator[XpChunk]:
+def iter_xp_chunks(path: str | Path, chunk_rows: int = DEFAULT_CHUNK_ROWS, *, hasher: list | None = None,
+                   workers: int = 1) -> Iterator[XpChunk]:
     """Chunks of XP spectra from any supported input (see the module doc). ``hasher`` as in
     :func:`iter_bulk_xp` (filled for bulk files only; other inputs are hashed by the caller)."""
     path = Path(path)
@@ -532,7 +563,7 @@ def iter_xp_chunks(path: str | Path, chunk_rows: int = DEFAULT_CHUNK_ROWS, *, ha
         yield from _parquet_chunks(path, chunk_rows)
         return
     if is_bulk_ecsv(path):
-        yield from iter_bulk_xp(path, chunk_rows, hasher=hasher)
+        yield from iter_bulk_xp(path, chunk_rows, hasher=hasher, workers=workers)
         return
     from .gaia_xp import _read_any_table
 
@@ -606,7 +637,11 @@ def write_bulk_file(path: str | Path, n_rows: int, *, pool: int = 256, seed: int
     header, rows = bulk_rows(min(pool, n_rows), seed=seed, first_source_id=0)
     tails = [r.split(b",", 1)[1] for r in rows]
     tmp = path.with_name(path.name + ".part")
-    opener = (lambda p: gzip.open(p, "wb", compresslevel=compresslevel)) if path.name.endswith(".gz") else (
+    try:  # ISA-L compresses several times faster than zlib
+        from isal import igzip as _gz
+    except ImportError:
+        _gz = gzip
+    opener = (lambda p: _gz.open(p, "wb", compresslevel=compresslevel)) if path.name.endswith(".gz") else (
         lambda p: open(p, "wb"))
     with opener(tmp) as f:
         f.write(header)
