@@ -130,13 +130,19 @@ def components(args) -> None:
         toks.append((np.column_stack([v, g]), np.column_stack([e, np.full(len(g), 0.003)])))
     tok = time.perf_counter() - t
     out = {"stars": n, "parse_stars_per_s": n / parse, "tokens_stars_per_s": n / tok}
+    answers = {}
     for amp in (False, True):
         lab = Labeller(args.model, ["teff", "logg", "m_h"], amp=amp)
         lab.columns(*toks[0])
         t = time.perf_counter()
-        for v, e in toks:
-            lab.columns(v, e)
+        answers[amp] = [lab.columns(v, e) for v, e in toks]
         out[f"model_{'bf16' if amp else 'fp32'}_stars_per_s"] = n / (time.perf_counter() - t)
+    for name in ("teff", "logg", "m_h"):  # what bf16 on the CPU changes
+        d = np.concatenate([b[name] - a[name] for a, b in zip(answers[False], answers[True])])
+        s = np.concatenate([a[f"{name}_err"] for a in answers[False]])
+        out[f"bf16_minus_fp32_{name}"] = {"median_abs": float(np.nanmedian(np.abs(d))),
+                                          "p99_abs": float(np.nanpercentile(np.abs(d), 99)),
+                                          "median_abs_over_sigma": float(np.nanmedian(np.abs(d) / s))}
     print(json.dumps(out))
 
 
