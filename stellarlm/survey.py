@@ -465,7 +465,7 @@ def _producer(path: Path, chunk_rows: int, photometry: Photometry | None, synthe
         q.put(exc)
 
 
-def label_one(path: Path, out_dir: Path, labeller: Labeller, *, chunk_rows: int = 2048,
+def label_one(path: Path, out_dir: Path, labeller: Labeller, *, chunk_rows: int = 1024,
               photometry: Photometry | None = None, synthetic_g: bool = False, progress: bool = True,
               position: int = 0, parse_threads: int = 1, _stop_after_chunks: int | None = None) -> FileResult:
     """Label one input into ``out_dir/<stem>.labels.fits`` (atomically). Raises on failure."""
@@ -488,13 +488,20 @@ def label_one(path: Path, out_dir: Path, labeller: Labeller, *, chunk_rows: int 
                leave=True, dynamic_ncols=True, mininterval=1.0)
     n_chunks = 0
     try:
-        while True:
+        pending, done = [], False
+        while not done:
+            # gather chunks up to a model batch (GPU batches are much larger than a chunk)
             item = q.get()
-            if item is None:
-                break
             if isinstance(item, BaseException):
                 raise item
-            sid, vals, errs, g, origin = item
+            if item is None:
+                done = True
+            else:
+                pending.append(item)
+            if not pending or (not done and sum(len(p[0]) for p in pending) < labeller.batch_size):
+                continue
+            sid, vals, errs, g, origin = (np.concatenate(x) for x in zip(*pending))
+            pending = []
             t0 = time.perf_counter()
             answer = labeller.columns(vals, errs)
             model_s += time.perf_counter() - t0
@@ -573,7 +580,7 @@ def label_files(inputs: Sequence[str | os.PathLike], model: str | os.PathLike, o
                 want: Sequence[str] = ("teff", "logg", "m_h"), photometry: Sequence[str | os.PathLike] = (),
                 synthetic_g: bool = False, quantiles: Sequence[float] = (), threads: int | None = None,
                 batch_size: int | None = None, device: str = "cpu", compile: bool = False,
-                chunk_rows: int = 2048, progress: bool = True, rank: int | None = None,
+                chunk_rows: int = 1024, progress: bool = True, rank: int | None = None,
                 world_size: int | None = None, amp: bool | None = None, parse_threads: int = 1
                 ) -> list[FileResult]:
     """Label every input (this rank's share of them) into ``out_dir``; see the module doc.
@@ -662,7 +669,7 @@ def add_label_command(sub) -> None:
                    "(e.g. 0.16 0.5 0.84): columns <name>_q16 ...")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--batch-size", type=int, default=None, help="stars per model batch (default 2048 CPU, 32768 GPU)")
-    p.add_argument("--chunk-rows", type=int, default=2048, help="rows read and parsed at a time")
+    p.add_argument("--chunk-rows", type=int, default=1024, help="rows read and parsed at a time")
     p.add_argument("--parse-threads", type=int, default=1, help="threads parsing text chunks at once (bulk files; "
                    "the parser releases the GIL): 2 on a 2-core machine with --threads 1")
     p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")

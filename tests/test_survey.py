@@ -177,7 +177,7 @@ def test_label_resumable(tiny_model, survey, tmp_path):
 
     # kill the labelling of the first (biggest) file half way: a half-written temporary file is left
     first.unlink()
-    lab = Labeller(model_dir, ["teff", "logg"], quantiles=[0.16, 0.84])
+    lab = Labeller(model_dir, ["teff", "logg"], quantiles=[0.16, 0.84], batch_size=64)  # a batch a chunk
     with pytest.raises(KeyboardInterrupt):
         label_one(inputs[0], out, lab, chunk_rows=64, photometry=Photometry([phot]), progress=False,
                   _stop_after_chunks=2)

@@ -44,7 +44,7 @@ N_CORR = N_XP * (N_XP - 1) // 2  # 1485 packed correlations per band
 BANDS = ("bp", "rp")
 ARRAY_LENGTHS = {"coefficients": N_XP, "coefficient_errors": N_XP, "coefficient_correlations": N_CORR}
 _NULL_WORDS = frozenset({b"", b"null", b"none", b"nan", b"--", b"[]", b"()"})
-DEFAULT_CHUNK_ROWS = 2048
+DEFAULT_CHUNK_ROWS = 1024
 
 
 @dataclass
