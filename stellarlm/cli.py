@@ -7,6 +7,7 @@
     stellarlm query --model DIR --input stars.fits --want teff logg m_h --output out.fits
     stellarlm demo [--model DIR]                               the shipped model on held-out stars
     stellarlm calibrate --model DIR                           fit the sigma scale on the validation split
+    stellarlm label INPUT... --model DIR --out DIR [--want ...]  label survey files, resumable, per torchrun rank
 """
 
 from __future__ import annotations
@@ -348,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--split", default="test", choices=["test", "val"],
                        help="split to measure: test for reported figures, val to compare models")
     bench.set_defaults(func=_bench)
+
+    from .survey import add_label_command
+
+    add_label_command(sub)  # stellarlm label: streaming survey labelling (stellarlm/survey.py)
     return parser
 
 
