@@ -229,6 +229,12 @@ class StellarLM:
 
         unit = self.vocab[token].unit
         target = u.Unit(unit) if unit else u.dimensionless_unscaled
+        log_of = LOG_TOKENS.get(token)
+        if log_of is not None and _log_unit_of(col.unit, log_of):
+            # log10 of a quantity in its cgs unit, as astronomers write it: u.Dex(x, u.cm / u.s**2), or a
+            # FITS TUNIT 'log(cm.s**-2)' (which astropy reads as an unrecognised unit); an error column
+            # in such a unit is a difference in dex
+            return np.asarray(getattr(col, "value", col), dtype=np.float64)
         try:
             q = col.quantity if hasattr(col, "quantity") else u.Quantity(col)
             return q.to_value(target)
@@ -457,6 +463,30 @@ def _refuse(column: str, values: np.ndarray, bad: np.ndarray, problem: str) -> N
         i = int(np.argmax(bad))
         raise BadValueError(f"column {column!r}, row {i}: {values[i]!r} {problem}"
                             + (f" ({int(bad.sum())} rows in all)" if bad.sum() > 1 else ""))
+
+
+# Tokens that are log10 of a physical quantity (token unit "dex"), and that quantity's unit.
+LOG_TOKENS = {"logg": "cm s-2"}
+
+
+def _log_unit_of(unit, physical: str) -> bool:
+    """Is ``unit`` log10 of exactly ``physical``: ``u.dex(u.cm / u.s**2)`` (a LogUnit), or text such as
+    ``log(cm.s**-2)`` / ``dex(cm/s2)`` that astropy leaves unrecognised? Another scale (log of m s^-2)
+    is not accepted here: it would shift every value."""
+    import astropy.units as u
+
+    target = u.Unit(physical)
+    if isinstance(unit, u.LogUnit):
+        return unit.physical_unit == target and unit.function_unit == u.dex
+    text = str(unit).replace(" ", "")
+    for prefix in ("log(", "log10(", "dex(", "[", "log", "dex"):
+        if text.startswith(prefix):
+            inner = text[len(prefix):].rstrip(")]")
+            try:
+                return u.Unit(inner.replace(".", " "), parse_strict="silent") == target
+            except ValueError:
+                return False
+    return False
 
 
 def _relevant_bases(n_relevant, n_stars: int, what: str) -> np.ndarray:

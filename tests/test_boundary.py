@@ -129,3 +129,24 @@ def test_query_memory_does_not_grow_with_the_stars_beyond_the_output(tiny_model,
     # the output grows by about 100 bytes per star, 0.5 MB here; the inputs as (n, 115) matrices
     # would add several times 4500 * 115 * 8 = 4 MB
     assert growth < 1.5e6, growth
+
+
+def test_logg_in_the_units_astronomers_write_it(tiny_model, small_embedded, tmp_path):
+    """logg as u.Dex(x, cm / s^2), or from a FITS file whose TUNIT is 'log(cm.s**-2)', means the same
+    as plain dex; log of another unit (m / s^2) would shift every value, so it is refused."""
+    from astropy.io import fits
+
+    model, _ = tiny_model
+    held = small_embedded.subset("val").subset(slice(0, 5))
+    g, logg = held.column("g").astype(float), held.column("logg").astype(float)
+    plain = model.query({"g": g, "logg": logg}, ["teff"])
+    dex = model.query(Table({"g": g * u.mag, "logg": logg * u.dex(u.cm / u.s ** 2)}), ["teff"])
+    np.testing.assert_allclose(dex["teff"], plain["teff"], rtol=1e-6)
+    cols = [fits.Column("g", "D", array=g, unit="mag"), fits.Column("logg", "D", array=logg, unit="log(cm.s**-2)")]
+    path = tmp_path / "logg.fits"
+    fits.BinTableHDU.from_columns(cols).writeto(path)
+    with pytest.warns(u.UnitsWarning):
+        from_file = Table.read(path)
+    np.testing.assert_allclose(model.query(from_file, ["teff"])["teff"], plain["teff"], rtol=1e-6)
+    with pytest.raises(BadValueError, match="logg"):
+        model.query(Table({"g": g * u.mag, "logg": (logg - 2) * u.dex(u.m / u.s ** 2)}), ["teff"])
