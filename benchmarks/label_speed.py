@@ -108,11 +108,12 @@ def components(args) -> None:
     import torch
 
     from stellarlm.data.gaia_bulk import iter_xp_chunks
-    from stellarlm.survey import Labeller, Photometry, fast_tokens
+    from stellarlm.data.xp_basis import coefficients_to_tokens
+    from stellarlm.survey import Labeller, Photometry
 
     torch.set_num_threads(1)
     n_max = args.n
-    fast_tokens(np.zeros((1, 2, 55)), np.ones((1, 2, 55)), np.array([15.0]))  # design matrix: once
+    coefficients_to_tokens(np.zeros((1, 2, 55)), np.ones((1, 2, 55)), np.array([15.0]))  # design matrix: once
     t = time.perf_counter()
     chunks = []
     for c in iter_xp_chunks(args.inputs[0], 2048):
@@ -126,7 +127,7 @@ def components(args) -> None:
     toks = []
     for c in chunks:
         g, _ = phot.lookup(c.source_id)
-        v, e = fast_tokens(c.coefficients, c.errors, g, c.correlations)
+        v, e = coefficients_to_tokens(c.coefficients, c.errors, g, c.correlations)
         toks.append((np.column_stack([v, g]), np.column_stack([e, np.full(len(g), 0.003)])))
     tok = time.perf_counter() - t
     out = {"stars": n, "parse_stars_per_s": n / parse, "tokens_stars_per_s": n / tok}

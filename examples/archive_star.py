@@ -14,7 +14,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-import numpy as np
 
 from stellarlm import StellarLM
 from stellarlm.cli import DEFAULT_MODEL

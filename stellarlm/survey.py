@@ -3,8 +3,8 @@
 :func:`label_files` (and ``stellarlm label``) reads each input in chunks
 (:func:`stellarlm.data.gaia_bulk.iter_xp_chunks`: Gaia bulk ``XpContinuousMeanSpectrum_*.csv.gz``,
 DataLink ``XP_CONTINUOUS`` products, FITS/ECSV/CSV/VOTable/Parquet tables of coefficients or of
-``xp_*`` tokens), turns the coefficients into XP tokens (:func:`fast_tokens`, the same numbers as
-:func:`stellarlm.data.xp_basis.coefficients_to_tokens` at a tenth of the cost), asks the model for
+``xp_*`` tokens), turns the coefficients into XP tokens as every reader does
+(:func:`stellarlm.data.xp_basis.coefficients_to_tokens`), asks the model for
 the wanted names and writes ``<input stem>.labels.fits`` into the output directory.
 
 * **Output format: FITS** (astropy, already a dependency; Parquet would need pyarrow, which is not
@@ -46,8 +46,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .data.xp_basis import coefficients_to_tokens
 from .errors import BadValueError, DataFileError, StellarLMError
-from .vocab import N_XP, N_XP_BINS, XP_NAMES, xp_flux_scale
+from .vocab import XP_NAMES
 
 G_SOURCES = ("column", "photometry", "synthetic", "none")
 OUTPUT_SUFFIX = ".labels.fits"
@@ -56,68 +57,6 @@ _INPUT_ENDINGS = (".csv.gz", ".ecsv.gz", ".csv", ".ecsv", ".fits.gz", ".fits", "
                   ".votable", ".parquet", ".pq")
 
 log = logging.getLogger("stellarlm.label")
-
-
-# --- coefficients -> XP tokens, fast ------------------------------------------------------------------
-class _TokenMaps:
-    """The fixed matrices of :func:`fast_tokens`, built once per process."""
-
-    def __init__(self):
-        from .data.xp_basis import SAMPLES_PER_BIN, xp_design_matrix
-
-        _, design = xp_design_matrix()
-        used = N_XP_BINS * SAMPLES_PER_BIN  # the 1020 nm sample is not in any bin
-        self.design = [design[:used, b * N_XP:(b + 1) * N_XP] for b in range(2)]  # (342, 55) each
-        self.used = [np.abs(d).sum(1) > 0 for d in self.design]
-        self.rows, self.cols = np.tril_indices(N_XP, -1)
-        # var_w = sum_i d_wi^2 e_i^2 + 2 sum_{i>j} d_wi d_wj (e_i e_j r_ij): both terms are products
-        # with fixed (342, .) matrices, so a chunk's errors are two matrix products per band
-        self.d2 = [d.T ** 2 for d in self.design]  # (55, 342)
-        self.pair = [2.0 * (d[:, self.rows] * d[:, self.cols]).T for d in self.design]  # (1485, 342)
-        self.n_samples = used
-
-
-_MAPS: _TokenMaps | None = None
-
-
-def fast_tokens(coefficients: np.ndarray, errors: np.ndarray, g: np.ndarray,
-                correlations: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """XP tokens (values, errors), each (n, 114), as
-    :func:`stellarlm.data.xp_basis.coefficients_to_tokens` gives them (to float rounding), for
-    (n, 2, 55) coefficients and errors and (n, 2, 1485) packed correlations (None, or a NaN band:
-    uncorrelated). The sample variances ``diag(D C D^T)`` are a product of the packed
-    ``e_i e_j r_ij`` with a fixed (1485, 342) matrix instead of n (55, 55) covariances: ~1 Mflop a
-    star."""
-    global _MAPS
-    if _MAPS is None:
-        _MAPS = _TokenMaps()
-    m = _MAPS
-    c = np.asarray(coefficients, dtype=np.float64)
-    e = np.asarray(errors, dtype=np.float64)
-    n = len(c)
-    flux = np.zeros((n, m.n_samples))
-    var = np.zeros((n, m.n_samples))
-    missing = np.zeros((n, m.n_samples), dtype=bool)
-    for b in range(2):
-        band_missing = np.isnan(c[:, b]).any(1)
-        cb = np.nan_to_num(c[:, b])
-        eb = np.nan_to_num(e[:, b])
-        flux += (cb @ m.design[b].T) * m.used[b]
-        v = (eb ** 2) @ m.d2[b]
-        if correlations is not None:
-            r = correlations[:, b]
-            ok = np.isfinite(r).all(1)
-            if ok.any():
-                packed = np.where(ok[:, None], np.nan_to_num(r), 0.0) * eb[:, m.rows] * eb[:, m.cols]
-                v += packed @ m.pair[b]
-        var += v * m.used[b]
-        missing |= band_missing[:, None] & m.used[b][None, :]
-    err = np.sqrt(np.maximum(var, 0.0))
-    flux[missing] = np.nan
-    err[missing] = np.nan
-    scale = xp_flux_scale(np.atleast_1d(np.asarray(g, dtype=np.float64)))[:, None]
-    binned = lambda x: x.reshape(n, N_XP_BINS, -1).mean(-1)  # noqa: E731
-    return binned(flux) * scale, binned(err) * scale
 
 
 def check_chunk(chunk, path) -> None:
@@ -453,7 +392,7 @@ def _producer(path: Path, chunk_rows: int, photometry: Photometry | None, synthe
             if chunk.tokens is not None:
                 values, errors = chunk.tokens
             else:
-                values, errors = fast_tokens(chunk.coefficients, chunk.errors, g, chunk.correlations)
+                values, errors = coefficients_to_tokens(chunk.coefficients, chunk.errors, g, chunk.correlations)
             vals = np.column_stack([values, g])
             errs = np.column_stack([errors, np.where(np.isfinite(g), g_err, np.nan)])
             t1 = time.perf_counter()

@@ -97,20 +97,29 @@ def test_bulk_reader_malformed_row_names_the_line(tmp_path, rows, damage, what):
         assert "bad.csv.gz" in msg and f"line {line_no}" in msg and what in msg, msg
 
 
-def test_fast_tokens_match_xp_basis(rows):
-    from stellarlm.data.xp_basis import coefficients_to_tokens
-    from stellarlm.survey import fast_tokens
+def test_bulk_chunks_give_the_tokens_of_the_explicit_covariance(rows):
+    """The packed-correlation product in coefficients_to_tokens equals sqrt(diag(D C D^T)) with each
+    star's (55, 55) covariance built explicitly; a missing band, and a band without correlations
+    (taken as uncorrelated), as the bulk reader delivers them."""
+    from stellarlm.data.xp_basis import (bin_samples, coefficients_to_tokens, correlation_matrix,
+                                         xp_design_matrix)
+    from stellarlm.vocab import xp_flux_scale
 
     c = next(iter_xp_chunks_from(rows))
     coeff, err, corr = c.coefficients, c.errors, c.correlations.copy()
     coeff[1, 0] = np.nan       # a missing band
     corr[3, 1] = np.nan        # a band without correlations: treated as uncorrelated
     g = np.linspace(12, 16, len(c))
-    v, e = fast_tokens(coeff, err, g, corr)
-    v0, e0 = coefficients_to_tokens(coeff, err, g, np.nan_to_num(corr))
-    assert np.array_equal(np.isnan(v), np.isnan(v0)) and np.isnan(v[1]).any()
-    np.testing.assert_allclose(v, v0, rtol=1e-10)
-    np.testing.assert_allclose(e, e0, rtol=1e-10)
+    v, e = coefficients_to_tokens(coeff, err, g, corr)
+    _, design = xp_design_matrix()
+    for i in (0, 3):
+        var = np.zeros(len(design))
+        for b in range(2):
+            r = correlation_matrix(np.nan_to_num(corr[i, b])) if np.isfinite(corr[i, b]).all() else np.eye(55)
+            d = design[:, 55 * b:55 * (b + 1)]
+            var += np.einsum("wi,ij,wj->w", d, r * np.outer(err[i, b], err[i, b]), d)
+        np.testing.assert_allclose(e[i], bin_samples(np.sqrt(var)[None])[0] * xp_flux_scale([g[i]])[0], rtol=1e-9)
+    assert np.isnan(v[1]).any() and np.isfinite(v[1]).any()
 
 
 def iter_xp_chunks_from(rows, tmp=None):

@@ -165,24 +165,40 @@ def correlation_matrix(packed: np.ndarray) -> np.ndarray:
     return out
 
 
+@lru_cache(maxsize=1)
+def _variance_maps() -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """Per band: which samples it feeds, and the fixed matrices that turn errors and packed
+    correlations into sample variances. var_w = sum_i d_wi^2 e_i^2 + 2 sum_{i>j} d_wi d_wj e_i e_j r_ij:
+    both terms are products with fixed (., 343) matrices, ~1 Mflop a star instead of n (55, 55)
+    covariances (what makes survey-scale labelling affordable)."""
+    _, design = xp_design_matrix()
+    rows, cols = np.tril_indices(N_XP, -1)  # the archive's packing (correlation_matrix)
+    bands = [design[:, b * N_XP:(b + 1) * N_XP] for b in range(2)]
+    used = [np.abs(d).sum(1) > 0 for d in bands]
+    square = [(d ** 2).T for d in bands]  # (55, 343)
+    pair = [2.0 * (d[:, rows] * d[:, cols]).T for d in bands]  # (1485, 343)
+    return used, square, pair
+
+
 def coefficient_sample_errors(errors: np.ndarray, correlations: np.ndarray | None) -> np.ndarray:
     """(n, 343) errors of the sampled flux from the coefficients' errors (n, 2, 55) and packed
     correlations (n, 2, 1485), or None for uncorrelated coefficients: sqrt(diag(D C D^T)), C block
-    diagonal over the bands, exactly what gaiaxpy publishes as ``flux_error``. A NaN band (missing)
-    gives NaN where the spectrum needs it."""
-    _, design = xp_design_matrix()
-    var = np.zeros((len(errors), len(XP_WAVELENGTH_NM)))
+    diagonal over the bands, exactly what gaiaxpy publishes as ``flux_error``. A band whose
+    correlations hold a NaN is taken as uncorrelated; a NaN band (missing) gives NaN where the
+    spectrum needs it."""
+    used, square, pair = _variance_maps()
+    e = np.asarray(errors, dtype=np.float64)
+    rows, cols = np.tril_indices(N_XP, -1)
+    var = np.zeros((len(e), len(XP_WAVELENGTH_NM)))
     for b in range(2):
-        d = design[:, b * N_XP:(b + 1) * N_XP]  # (343, 55)
-        e = errors[:, b]
-        used = np.abs(d).sum(1) > 0
-        if correlations is None:
-            v = (e ** 2) @ (d ** 2).T
-        else:
-            cov = correlation_matrix(correlations[:, b]) * e[:, :, None] * e[:, None, :]
-            v = np.einsum("wi,nij,wj->nw", d, cov, d, optimize=True)
-        var += np.where(used[None, :], v, 0.0)
-    return np.sqrt(var)
+        eb = e[:, b]
+        v = (eb ** 2) @ square[b]
+        if correlations is not None:
+            r = np.asarray(correlations[:, b], dtype=np.float64)
+            ok = np.isfinite(r).all(1)[:, None]
+            v += (np.where(ok, r, 0.0) * eb[:, rows] * eb[:, cols]) @ pair[b]
+        var += np.where(used[b][None, :], v, 0.0)
+    return np.sqrt(np.maximum(var, 0.0))
 
 
 def coefficients_to_flux(coefficients: np.ndarray) -> np.ndarray:
