@@ -11,7 +11,15 @@ from collections.abc import Iterable
 
 
 class StellarLMError(Exception):
-    """Base class of every error stellarlm raises on purpose."""
+    """Base class of every error stellarlm raises on purpose: catch it to handle any of them.
+
+    >>> from stellarlm import StellarLM
+    >>> try:
+    ...     StellarLM.pretrained().query({"tef": [4800.0]}, ["logg"])
+    ... except StellarLMError as exc:
+    ...     print(type(exc).__name__, "-", "did you mean 'teff'" in str(exc))
+    UnknownTokenError - True
+    """
 
 
 class UnknownTokenError(StellarLMError, KeyError):

@@ -147,6 +147,11 @@ class StellarLM:
 
     @property
     def names(self) -> list[str]:
+        """Every token name the model's vocabulary holds (what may be given or asked).
+
+        >>> StellarLM.pretrained().names[:2], len(StellarLM.pretrained().names)
+        (['xp_338', 'xp_344'], 326)
+        """
         return self.vocab.names
 
     # --- input handling -------------------------------------------------------------------------
@@ -300,6 +305,14 @@ class StellarLM:
         Raises UnknownTokenError for an unknown name (with suggestions), BadValueError for an
         infinite value, a non-1-D column, empty input, a wanted name that is also given, or a
         unit that does not convert. A star with no observed token gets NaN answers.
+
+        >>> import astropy.units as u
+        >>> from astropy.table import Table
+        >>> model = StellarLM.pretrained()
+        >>> stars = Table({"g": [12.3, 14.1] * u.mag, "bp": [12.9, 14.9] * u.mag, "rp": [11.6, 13.3] * u.mag})
+        >>> out = model.query(stars, want=["teff", "logg"])
+        >>> out.colnames, out["teff"].unit
+        (['teff', 'teff_err', 'logg', 'logg_err'], Unit("K"))
         """
         from astropy.table import Table
         import astropy.units as u
@@ -323,8 +336,10 @@ class StellarLM:
         physical units (:class:`stellarlm.predictive.Predictive`): its median, quantiles and draws.
         Same inputs and errors as :meth:`query`, whose mean and sigma are its moments.
 
-        >>> p = model.predictive({"teff": [5000.0], "m_h": [0.0]}, ["logg"])   # doctest: +SKIP
-        >>> p.median(), p.weight                                                 # doctest: +SKIP
+        >>> model = StellarLM.pretrained()
+        >>> p = model.predictive({"teff": [5000.0], "m_h": [0.0]}, ["logg"])
+        >>> p.weight.shape, bool(abs(p.weight.sum() - 1) < 1e-5)   # (stars, names, components)
+        ((1, 1, 2), True)
         """
         return self._answer(observed, want, batch_size, progress)[0]
 
@@ -378,7 +393,13 @@ class StellarLM:
         return numpy[0] / numpy[0].sum(-1, keepdims=True), numpy[1], numpy[2]
 
     def embed(self, observed, batch_size: int = 4096) -> np.ndarray:
-        """A fixed-length vector per star (mean of the encoded tokens) for similarity search."""
+        """A fixed-length vector per star (the mean of its encoded tokens, ``d_model`` long) for
+        similarity search; a star with nothing observed gets NaN.
+
+        >>> v = StellarLM.pretrained().embed({"g": [12.3], "bp": [12.9], "rp": [11.6]})
+        >>> v.shape
+        (1, 96)
+        """
         values, errors, _, n = self._columns(observed)
         self._check_trained(list(values))
         self._check_inputs(values, errors)

@@ -69,7 +69,12 @@ VALID_RANGES: dict[str, tuple[float, float]] = {
 
 @dataclass(frozen=True)
 class Token:
-    """One named token: what it is, its unit, and how it is normalised for the model."""
+    """One named token: what it is, its unit, and how it is normalised for the model.
+
+    >>> t = Vocabulary.default()["xp_500"]
+    >>> t.group, t.unit
+    ('xp_bp', '1e-17 W m^-2 nm^-1')
+    """
 
     id: int
     name: str
@@ -173,14 +178,27 @@ class Vocabulary:
 
     @property
     def names(self) -> list[str]:
+        """Every token name, in id order.
+
+        >>> Vocabulary.default().names[114:118]
+        ['teff', 'logg', 'm_h', 'alpha_m']
+        """
         return [t.name for t in self.tokens]
 
     def ids(self, names: Sequence[str]) -> np.ndarray:
-        """Token ids of ``names``; raises :class:`UnknownTokenError` naming the first unknown one."""
+        """Token ids of ``names``; raises :class:`UnknownTokenError` naming the first unknown one.
+
+        >>> Vocabulary.default().ids(["xp_338", "g"]).tolist()
+        [0, 118]
+        """
         return np.array([self[n].id for n in names], dtype=np.int64)
 
     def group(self, group: str) -> list[str]:
-        """Names of the tokens in ``group`` (e.g. ``'xp_bp'``), in id order."""
+        """Names of the tokens in ``group`` (e.g. ``'xp_bp'``), in id order.
+
+        >>> Vocabulary.default().group("photometry")
+        ['g', 'bp', 'rp', 'j', 'h', 'k']
+        """
         if group not in GROUPS:
             raise UnknownTokenError(group, GROUPS)
         return [t.name for t in self.tokens if t.group == group]
@@ -243,7 +261,13 @@ class Vocabulary:
                                   scale=float(scale.get(t.name, t.scale))) for t in self.tokens)
 
     def extend(self, tokens: Iterable[Token]) -> Vocabulary:
-        """A copy with ``tokens`` appended; their ids are reassigned to the next free ones."""
+        """A copy with ``tokens`` appended; their ids are reassigned to the next free ones.
+
+        >>> v = Vocabulary.default()
+        >>> bigger = v.extend([Token(id=0, name="mass", group="label", unit="solMass", description="stellar mass")])
+        >>> bigger["mass"].id == len(v), bigger["teff"].id == v["teff"].id
+        (True, True)
+        """
         new = list(self.tokens)
         for t in tokens:
             new.append(replace(t, id=len(new)))
@@ -275,7 +299,11 @@ class Vocabulary:
 
     @classmethod
     def default(cls) -> Vocabulary:
-        """The vocabulary shipped in ``vocab/tokens.json`` (with the embedded data's statistics)."""
+        """The vocabulary shipped in ``vocab/tokens.json`` (with the embedded data's statistics).
+
+        >>> Vocabulary.default()
+        Vocabulary(326 tokens: xp_bp=51, xp_rp=63, label=4, photometry=6, extinction=1, astrometry=1, lamost=200)
+        """
         return cls.from_json(default_vocab_path().read_text())
 
     def __repr__(self) -> str:

@@ -15,7 +15,7 @@ Example
 >>> from stellarlm import TokenTable, Vocabulary
 >>> t = TokenTable.from_columns(Vocabulary.default(), {"teff": [5000.0, np.nan]},
 ...                             errors={"teff": [50.0, np.nan]})
->>> t.missing.sum()
+>>> int(t.missing.sum())
 1
 """
 
@@ -86,6 +86,20 @@ class TokenTable:
     star_id : str (n_star,) survey designation (e.g. APOGEE_ID), '' if unknown.
     split : uint8 (n_star,) 0 = train, 1 = validation, 2 = test.
     meta : JSON-serialisable provenance (source files, exclusions, crossmatch rate, ...).
+
+    Example
+    -------
+    >>> from stellarlm import TokenTable, Vocabulary
+    >>> t = TokenTable.from_columns(Vocabulary.default(), {"teff": [4800.0, float("nan")], "g": [12.0, 13.5]},
+    ...                             {"teff": [80.0, float("nan")], "g": [0.003, 0.003]}, source_id=[1, 2])
+    >>> t.column("teff").tolist(), round(float(t.error("g")[0]), 4)
+    ([4800.0, nan], 0.003)
+    >>> t.select(["g"]).names, len(t.subset([1]))
+    (['g'], 1)
+    >>> path = t.save("stars.safetensors"); TokenTable.load(path).names
+    ['teff', 'g']
+    >>> t.to_table()["teff"].unit
+    Unit("K")
     """
 
     vocab: Vocabulary

@@ -82,6 +82,10 @@ def generate_lamost(model: StellarLM, teff, logg, m_h, alpha_m=None, a_k=None, g
 
     SYNTHETIC: the embedded data's LAMOST-like modality is simulated
     (:mod:`stellarlm.data.synthetic_lamost`), so a model trained on it generates the simulation.
+
+    >>> wave, flux, sigma = generate_lamost(StellarLM.pretrained(), teff=4800, logg=2.5, m_h=0.0)
+    >>> wave.shape, flux.shape, bool((sigma > 0).all())
+    ((200,), (1, 200), True)
     """
     from ..data.lamost import lamost_bin_centres
 
