@@ -154,7 +154,7 @@ def _read_query_input(args):
     Returns (table, columns to keep)."""
     from astropy.table import Table
 
-    from .data.gaia_xp import _column_lookup, read_xp_sampled, xp_table_to_tokens
+    from .data.gaia_xp import _column_lookup, sampled_table_to_tokens, xp_table_to_tokens
     from .integrity import check_gzip
 
     if not Path(args.input).exists():
@@ -173,7 +173,7 @@ def _read_query_input(args):
     if "bp_coefficients" in cols:
         tokens = xp_table_to_tokens(observed, args.input, g_mag=g, truncate=args.truncate)
     elif "wavelength" in cols and "flux" in cols:
-        tokens = read_xp_sampled(args.input, g_mag=None if g is None else [args.g_mag])
+        tokens = sampled_table_to_tokens(observed, args.input, g_mag=None if g is None else [args.g_mag])
     else:
         return observed, []
     table = tokens.to_table()

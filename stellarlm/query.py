@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .data.gaia_xp import relevant_bases_mask
+from .data.gaia_xp import relevant_bases_counts
 from .errors import BadValueError, UnknownTokenError
 from .predictive import Predictive, stack
 from .pretrained import resolve_model_path
@@ -514,6 +514,6 @@ def _relevant_bases(n_relevant, n_stars: int, what: str) -> np.ndarray:
     if n_relevant is None:
         return np.full(n_stars, N_XP)
     try:
-        return relevant_bases_mask(n_relevant, n_stars).sum(1)
+        return relevant_bases_counts(n_relevant, n_stars)
     except ValueError as exc:
         raise BadValueError(f"{what} {exc}") from exc

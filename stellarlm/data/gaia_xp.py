@@ -342,14 +342,14 @@ def synthetic_g(source_id: np.ndarray, coeff: np.ndarray, coeff_err: np.ndarray,
 
 
 # --- the reader -------------------------------------------------------------------------------------
-def relevant_bases_mask(n_relevant, n_stars: int) -> np.ndarray:
-    """(n_stars, 55) True for the coefficients below each star's ``n_relevant`` (the archive's
-    ``bp_n_relevant_bases`` / ``rp_n_relevant_bases``: one number per star, or one for all).
+def relevant_bases_counts(n_relevant, n_stars: int) -> np.ndarray:
+    """(n_stars,) int: each star's ``n_relevant`` (the archive's ``bp_n_relevant_bases`` /
+    ``rp_n_relevant_bases``: one number per star, or one for all), checked.
 
     Raises ValueError for the wrong shape or a count that is not a whole number from 1 to 55.
 
-    >>> relevant_bases_mask([2, 55], 2).sum(axis=1)
-    array([ 2, 55])
+    >>> relevant_bases_counts(12, 2).tolist(), relevant_bases_counts([2, 55], 2).tolist()
+    ([12, 12], [2, 55])
     """
     n = np.asarray(n_relevant, dtype=float)
     n = np.full(n_stars, n) if n.ndim == 0 else n
@@ -359,7 +359,7 @@ def relevant_bases_mask(n_relevant, n_stars: int) -> np.ndarray:
     if bad.any():
         i = int(np.argmax(bad))
         raise ValueError(f"must be whole numbers from 1 to {N_XP}; row {i} has {n[i]}")
-    return np.arange(N_XP)[None, :] < n[:, None]
+    return n.astype(int)
 
 
 GInput = Sequence[float] | np.ndarray | Mapping[int, float] | str | None
@@ -525,7 +525,14 @@ def read_xp_sampled(path: str | Path, g_mag: Sequence[float] | np.ndarray | Mapp
     2.83
     """
     path = Path(path)
-    table = _read_any_table(path)
+    return sampled_table_to_tokens(_read_any_table(path), path, g_mag, source_id=source_id, vocab=vocab)
+
+
+def sampled_table_to_tokens(table: Table, path: str | Path,
+                            g_mag: Sequence[float] | np.ndarray | Mapping[int, float] | None = None,
+                            *, source_id: int | None = None, vocab: Vocabulary | None = None) -> TokenTable:
+    """The work of :func:`read_xp_sampled` on an astropy Table already in memory (``path`` names the
+    file in messages, and gives the source id of a DataLink product that has none inside)."""
     cols = _column_lookup(table)
     for c in ("flux", "flux_error"):
         if c not in cols:
@@ -620,10 +627,9 @@ def _relevant_in_file(table: Table, cols: dict[str, str], band: str, band_missin
         raise DataFileError(path, "truncate=True needs the number of relevant bases", column=name)
     n = np.where(band_missing, N_XP, float_column(table, cols[name], path))
     try:
-        relevant_bases_mask(n, len(n))
+        return relevant_bases_counts(n, len(n))
     except ValueError as exc:
         raise DataFileError(path, f"{name} {exc}", column=cols[name]) from exc
-    return n.astype(int)
 
 
 # --- download ---------------------------------------------------------------------------------------

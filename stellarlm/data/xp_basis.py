@@ -103,14 +103,6 @@ def xp_design_matrix() -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(wave, dtype=np.float64), design
 
 
-def bin_matrix() -> np.ndarray:
-    """(114, 343): each XP token bin is the mean of ``SAMPLES_PER_BIN`` neighbouring 2 nm samples."""
-    out = np.zeros((N_XP_BINS, len(XP_WAVELENGTH_NM)))
-    for k in range(N_XP_BINS):
-        out[k, SAMPLES_PER_BIN * k:SAMPLES_PER_BIN * (k + 1)] = 1.0 / SAMPLES_PER_BIN
-    return out
-
-
 def bin_samples(samples: np.ndarray) -> np.ndarray:
     """(n, 343) sampled flux (or flux errors) -> (n, 114) bin means (NaN if any sample is NaN).
 
@@ -125,12 +117,19 @@ def bin_samples(samples: np.ndarray) -> np.ndarray:
     return used.reshape(*samples.shape[:-1], N_XP_BINS, SAMPLES_PER_BIN).mean(-1)
 
 
+@lru_cache(maxsize=1)
+def _bands() -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per band (BP, RP): its (343, 55) block of the design matrix, and the samples it feeds (the
+    two overlap only in the merge near 640 nm)."""
+    _, design = xp_design_matrix()
+    blocks = [design[:, b * N_XP:(b + 1) * N_XP] for b in range(2)]
+    return blocks, [np.abs(d).sum(1) > 0 for d in blocks]
+
+
 def band_needed() -> np.ndarray:
     """(2, 114) bool: which bins need the BP (row 0) and the RP (row 1) coefficients. A spectrum
     without one band has only the bins that do not need it (BP alone: 336-634 nm)."""
-    _, design = xp_design_matrix()
-    uses = np.stack([np.abs(design[:, :N_XP]).sum(1) > 0, np.abs(design[:, N_XP:]).sum(1) > 0])
-    return bin_samples(uses.astype(float)) > 0
+    return bin_samples(np.stack(_bands()[1]).astype(float)) > 0
 
 
 def sampled_to_tokens(flux: np.ndarray, flux_error: np.ndarray, g: np.ndarray
@@ -171,10 +170,8 @@ def _variance_maps() -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarra
     correlations into sample variances. var_w = sum_i d_wi^2 e_i^2 + 2 sum_{i>j} d_wi d_wj e_i e_j r_ij:
     both terms are products with fixed (., 343) matrices, ~1 Mflop a star instead of n (55, 55)
     covariances (what makes survey-scale labelling affordable)."""
-    _, design = xp_design_matrix()
+    bands, used = _bands()
     rows, cols = np.tril_indices(N_XP, -1)  # the archive's packing (correlation_matrix)
-    bands = [design[:, b * N_XP:(b + 1) * N_XP] for b in range(2)]
-    used = [np.abs(d).sum(1) > 0 for d in bands]
     square = [(d ** 2).T for d in bands]  # (55, 343)
     pair = [2.0 * (d[:, rows] * d[:, cols]).T for d in bands]  # (1485, 343)
     return used, square, pair
@@ -204,14 +201,13 @@ def coefficient_sample_errors(errors: np.ndarray, correlations: np.ndarray | Non
 def coefficients_to_flux(coefficients: np.ndarray) -> np.ndarray:
     """(n, 110) BP+RP coefficients (e-/s) -> (n, 343) sampled flux (W m^-2 nm^-1) on
     :data:`XP_WAVELENGTH_NM`. A NaN band gives NaN where the spectrum needs it."""
-    _, design = xp_design_matrix()
+    bands, used = _bands()
     c = np.asarray(coefficients, dtype=np.float64)
     out = np.zeros((len(c), len(XP_WAVELENGTH_NM)))
     for b in range(2):
-        cols = slice(b * N_XP, (b + 1) * N_XP)
-        used = np.abs(design[:, cols]).sum(1) > 0
-        out += np.where(used[None, :], np.nan_to_num(c[:, cols]) @ design[:, cols].T, 0.0)
-        out[np.isnan(c[:, cols]).any(1)[:, None] & used[None, :]] = np.nan
+        cb = c[:, b * N_XP:(b + 1) * N_XP]
+        out += np.where(used[b][None, :], np.nan_to_num(cb) @ bands[b].T, 0.0)
+        out[np.isnan(cb).any(1)[:, None] & used[b][None, :]] = np.nan
     return out
 
 
