@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     for cls in (TrainConfig, ModelConfig):
         hints = typing.get_type_hints(cls)
         for name, default in vars(cls()).items():
-            if name in ("out_dir", "model", "n_vocab", "patch_of"):
+            if name in ("out_dir", "model", "n_vocab", "patch_of", "stem_of"):
                 continue
             # the annotation, not the default, says the type: an option defaulting to None
             # ("float | None") still takes a float

@@ -52,6 +52,12 @@ class ModelConfig:
     value_offset: bool = True
     # patch id of each token id (see Vocabulary.patches), or None: every token attends on its own
     patch_of: list[int] | None = None
+    # a learned stem over each whole spectrum (SpectrumStem): the spectrum (0, 1, ...) each token
+    # id belongs to, or -1; None: no stem. Each spectrum that a star has adds ``stem_tokens``
+    # encoder tokens, computed from all of its observed bins at once
+    stem_of: list[int] | None = None
+    stem_tokens: int = 0
+    stem_hidden: int = 256
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,6 +98,54 @@ class TokenEmbedding(nn.Module):
         summed_h = h.new_zeros(b, n_patches, d).scatter_add_(1, index, h * keep)
         summed_b = h.new_zeros(b, n_patches, d).scatter_add_(1, index, self.bias(ids) * keep)
         return self.out(summed_h) + summed_b
+
+
+class SpectrumStem(nn.Module):
+    """A whole spectrum read at once: ``MLP(sum_i (w_i v_i + u_i s_i + p_i))`` over the observed
+    bins i of each spectrum, giving ``n_tokens`` encoder tokens per spectrum.
+
+    Patches see only neighbouring bins, and attention mixes patches by weighted averages, so a
+    difference between distant bins (a colour, the depth of a band against its continuum) takes
+    depth to form. A first layer that is linear in all the bins at once forms it directly, as the
+    first layer of a task-specific MLP does. It is still a function of a set of named tokens: each
+    term carries its bin's own weights, a missing bin adds nothing (and ``p_i``, its presence, says
+    so), and a sum does not depend on order."""
+
+    def __init__(self, n_vocab: int, stem_of: list[int], d: int, hidden: int, n_tokens: int):
+        super().__init__()
+        stem_of = torch.as_tensor(stem_of)
+        self.n_stems = int(stem_of.max()) + 1
+        self.n_tokens = n_tokens
+        self.register_buffer("stem_of", stem_of, persistent=False)
+        scale = 1.0 / max(1, int((stem_of >= 0).sum()) // max(self.n_stems, 1)) ** 0.5
+        self.value = nn.Parameter(torch.randn(n_vocab, hidden) * scale)
+        self.error = nn.Parameter(torch.randn(n_vocab, hidden) * 0.1 * scale)
+        self.presence = nn.Parameter(torch.randn(n_vocab, hidden) * scale)
+        self.mlp = nn.ModuleList(nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.GELU(),
+                                               nn.Linear(hidden, n_tokens * d)) for _ in range(self.n_stems))
+
+    def forward(self, ids: torch.Tensor, values: torch.Tensor, errors: torch.Tensor, mask: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, N) tokens -> (B, n_stems * n_tokens, d) stem tokens and their (B, n_stems * n_tokens)
+        mask: a spectrum with no observed bin gives no token."""
+        # the sums are products of dense (B, n_vocab) rows with the (n_vocab, hidden) tables: much
+        # cheaper, forward and backward, than gathering a (B, N, hidden) table per star
+        b, n_vocab = ids.shape[0], self.value.shape[0]
+        use = (mask & (self.stem_of[ids] >= 0)).to(values.dtype)
+        s = torch.log(errors.clamp_min(1e-4)) / 4.0
+
+        def dense(x):
+            return x.new_zeros(b, n_vocab).scatter_add_(1, ids, x * use)
+
+        v, e, p = dense(values), dense(s), dense(torch.ones_like(values))
+        tokens, present = [], []
+        for k, mlp in enumerate(self.mlp):
+            cols = self.stem_of == k
+            summed = v[:, cols] @ self.value[cols] + e[:, cols] @ self.error[cols] + p[:, cols] @ self.presence[cols]
+            tokens.append(mlp(summed))
+            present.append(p[:, cols].sum(1) > 0)
+        out = rearrange(torch.stack(tokens, 1), "b s (t d) -> b (s t) d", t=self.n_tokens)
+        return out, torch.stack(present, 1).repeat_interleave(self.n_tokens, dim=1)
 
 
 class Attention(nn.Module):
@@ -147,6 +201,8 @@ class StellarTransformer(nn.Module):
         self.cfg = cfg
         self.embed = TokenEmbedding(cfg.n_vocab, cfg.d_model, cfg.value_offset)
         self.query = nn.Embedding(cfg.n_vocab, cfg.d_model)
+        self.stem = (None if cfg.stem_tokens < 1 or cfg.stem_of is None or max(cfg.stem_of) < 0 else
+                     SpectrumStem(cfg.n_vocab, cfg.stem_of, cfg.d_model, cfg.stem_hidden, cfg.stem_tokens))
         self.encoder = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.n_encoder_layers))
         self.encoder_norm = nn.LayerNorm(cfg.d_model)
         self.decoder = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.n_decoder_layers))
@@ -183,7 +239,14 @@ class StellarTransformer(nn.Module):
         width = max(int(present.sum(1).max()), 1)
         order = torch.argsort((~present).to(torch.int8), dim=1, stable=True)[:, :width]
         x = torch.gather(x, 1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        mask = torch.gather(present, 1, order)
+        packed = torch.gather(present, 1, order)
+        if self.stem is not None:
+            stem_x, stem_mask = self.stem(ids, values * mask, errors.masked_fill(~mask, 1.0), mask)
+            x, packed = torch.cat([x, stem_x], 1), torch.cat([packed, stem_mask], 1)
+        return self.run_encoder(x, packed)
+
+    def run_encoder(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder blocks over (B, P, d) embedded tokens with their (B, P) mask."""
         for block in self.encoder:
             x = block(x, mask)
         return self.encoder_norm(x), mask

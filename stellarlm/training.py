@@ -92,6 +92,9 @@ class TrainConfig:
     # each time a star is drawn its given values get fresh noise of this many times their own errors,
     # so the network cannot learn the training stars' noise by heart (see sample_batch)
     input_noise: float = 0.0
+    # of the one-source draws, the share that also give the photometry and the parallax, each with
+    # a random keep rate: users ask "XP + photometry -> labels" too, and more inputs must not lose
+    p_extra: float = 0.0
     # of the modality subsets, the share that give an XP spectrum with one wavelength range missing
     # (random start and width up to half the spectrum, + G half the time): inpainting of a region
     p_gap: float = 0.2
@@ -128,6 +131,7 @@ class NormalisedData:
     block: torch.Tensor  # (T,) what is given or withheld together (_block_of): a part of a spectrum, or one scalar
     sources: torch.Tensor  # (S, n_blocks) blocks of each source: xp, lamost, labels, photometry
     g_block: torch.Tensor  # (n_blocks,) the block of the G magnitude
+    extra_blocks: torch.Tensor  # (n_blocks,) photometry and parallax: what a source given alone may come with
     whole: torch.Tensor  # (n_blocks,) the whole-spectrum block each block belongs to (a scalar: itself)
     xp_source: int | None = None  # the row of ``sources`` that is the XP spectrum, if there is one
     xp_order: torch.Tensor | None = None  # (T,) bin index of each XP column (blue to red), -1 for the others
@@ -145,11 +149,13 @@ class NormalisedData:
         present = sources.any(1)  # a table may lack a source (e.g. no LAMOST-like tokens)
         xp_source = 0 if present[0] else None
         g_block = names == "g"
+        extra_blocks = np.array([group_of_block[b] in ("photometry", "astrometry") for b in names])
         _, whole = np.unique([_WHOLE_SPECTRUM.get(b, b) for b in names], return_inverse=True)
         xp_order = [XP_NAMES.index(n) if n in XP_NAMES else -1 for n in table.names]
         return cls(torch.as_tensor(ids), torch.as_tensor(v, dtype=torch.float32),
                    torch.as_tensor(e, dtype=torch.float32), torch.as_tensor(group), torch.as_tensor(block),
-                   torch.as_tensor(sources[present]), torch.as_tensor(g_block), torch.as_tensor(whole), xp_source,
+                   torch.as_tensor(sources[present]), torch.as_tensor(g_block), torch.as_tensor(extra_blocks),
+                   torch.as_tensor(whole), xp_source,
                    torch.as_tensor(xp_order))
 
     def __len__(self) -> int:
@@ -173,7 +179,7 @@ def _block_of(token) -> str:
 def sample_batch(data: NormalisedData, rows: torch.Tensor, gen: torch.Generator, max_targets: int,
                  p_group: float, max_inputs: int = 1_000_000, p_alone: float = 0.5,
                  p_xp: float | None = None, p_half: float = 0.5, input_noise: float = 0.0,
-                 p_gap: float = 0.0, p_gap_inpaint: float = 0.0) -> dict[str, torch.Tensor]:
+                 p_gap: float = 0.0, p_gap_inpaint: float = 0.0, p_extra: float = 0.0) -> dict[str, torch.Tensor]:
     """Random input/target subsets for ``rows``; returns padded tensors and masks (see module doc).
 
     ``input_noise`` k > 0 adds Gaussian noise of k times each given value's error to it, and tells
@@ -208,6 +214,9 @@ def sample_batch(data: NormalisedData, rows: torch.Tensor, gen: torch.Generator,
         source_weight[data.xp_source] = p_xp
     source = torch.multinomial(source_weight, b, replacement=True, generator=gen)
     alone = data.sources[source] | (data.g_block[None, :] & (torch.rand(b, 1, generator=gen) < 0.5))
+    if p_extra > 0:
+        extra = data.extra_blocks[None, :] & (torch.rand(b, n_blocks, generator=gen) < torch.rand(b, 1, generator=gen))
+        alone = alone | (extra & (torch.rand(b, 1, generator=gen) < p_extra))
     given = torch.where((torch.rand(b, 1, generator=gen) < p_alone), alone, given)
     token_given = given[:, data.block] & avail
     ask_missing = torch.zeros_like(avail)  # XP bins a spectrum with a gap asks about first
@@ -298,7 +307,7 @@ _CHECKS = {
     "nll_beta": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "nll_beta_photometry": (lambda v: v is None or 0 <= v <= 1, "a number in [0, 1]"),
     "min_lr_ratio": _PROB, "p_group": _PROB, "p_alone": _PROB, "p_half": _PROB, "p_gap": _PROB,
-    "p_gap_inpaint": _PROB,
+    "p_gap_inpaint": _PROB, "p_extra": _PROB,
     "p_xp": (lambda v: v is None or 0 <= v <= 1, "a probability in [0, 1]"),
     "max_minutes": (lambda v: v is None or (math.isfinite(v) and v > 0), "a number of minutes > 0"),
 }
@@ -586,7 +595,7 @@ def _draw(data: NormalisedData, n: int, gen: torch.Generator, cfg: TrainConfig, 
     """``n`` random stars (with replacement) with random input/target subsets, on ``device``."""
     rows = torch.randint(len(data), (n,), generator=gen)
     batch = sample_batch(data, rows, gen, cfg.max_targets, cfg.p_group, cfg.max_inputs, cfg.p_alone, cfg.p_xp,
-                         cfg.p_half, cfg.input_noise, cfg.p_gap, cfg.p_gap_inpaint)
+                         cfg.p_half, cfg.input_noise, cfg.p_gap, cfg.p_gap_inpaint, cfg.p_extra)
     return {k: x.to(device) for k, x in batch.items()}
 
 
@@ -740,6 +749,7 @@ def _train_locked(table: TokenTable, cfg: TrainConfig, out: Path, resume: bool, 
     torch.manual_seed(cfg.seed)
     cfg.model.n_vocab = len(vocab)
     cfg.model.patch_of = vocab.patches(cfg.patch_size, cfg.lamost_patch_size)
+    cfg.model.stem_of = vocab.spectra()
     model = StellarTransformer(cfg.model).to(device)
     # weight decay on matrices only: not on biases, norms, or the name embeddings (a rare token's
     # embedding would otherwise decay towards zero between the steps that use it)

@@ -231,6 +231,16 @@ class Vocabulary:
             out.append(seen.setdefault(key, len(seen)))
         return out
 
+    def spectra(self) -> list[int]:
+        """The spectrum of each token id for the model's spectrum stems: 0 for an XP bin, 1 for a
+        LAMOST-like bin, -1 for any other token.
+
+        >>> v = Vocabulary.default(); s = v.spectra()
+        >>> s[v["xp_338"].id], s[v["lamost_0"].id], s[v["teff"].id]
+        (0, 1, -1)
+        """
+        return [0 if t.group in ("xp_bp", "xp_rp") else 1 if t.group == "lamost" else -1 for t in self.tokens]
+
     # --- normalisation --------------------------------------------------------------------------
     def normalise(self, values: np.ndarray, ids: np.ndarray, errors: np.ndarray | None = None):
         """Physical -> model units for columns ``ids``; returns (values, errors).

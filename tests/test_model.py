@@ -64,6 +64,28 @@ def test_network_is_permutation_invariant():
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 
 
+def test_spectrum_stem_reads_a_set_of_named_bins():
+    """The spectrum stem: answers do not depend on the order of the bins, a missing bin is not a
+    bin of value 0, and a star without the spectrum gets no stem token."""
+    torch.manual_seed(0)
+    stem_of = [0] * 20 + [1] * 10 + [-1] * 20
+    net = StellarTransformer(ModelConfig(n_vocab=50, **TINY, stem_of=stem_of, stem_tokens=2)).eval()
+    assert net.stem is not None
+    ids = torch.stack([torch.randperm(50)[:30] for _ in range(4)])
+    vals, errs = torch.randn(4, 30), torch.rand(4, 30) + 0.1
+    mask = torch.ones(4, 30, dtype=torch.bool)
+    q = torch.tensor([[40, 41]] * 4)
+    perm = torch.randperm(30)
+    for x, y in zip(net(ids, vals, errs, mask, q), net(ids[:, perm], vals[:, perm], errs[:, perm], mask[:, perm], q)):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    spectral = ids < 30
+    zero = net(ids, vals.masked_fill(spectral, 0.0), errs, mask, q)[0]
+    dropped = net(ids, vals, errs, mask & ~spectral, q)[0]
+    assert not torch.allclose(zero, dropped)
+    _, present = net.stem(ids, vals, errs, mask & ~(ids < 20))  # spectrum 0 absent, spectrum 1 there
+    assert present.tolist() == [[False, False, True, True]] * 4
+
+
 def test_missing_tokens_are_never_inputs_or_targets(small_embedded):
     t = _slice(small_embedded)
     data = NormalisedData.from_table(t, t.vocab)
@@ -98,6 +120,26 @@ def test_sampler_can_favour_the_xp_spectrum_alone(small_embedded):
     assert xp_alone_share(p_alone=1.0, p_xp=1.0) == 1.0
     # uniform over the three sources (XP, labels, photometry) it is about a third
     assert 0.2 < xp_alone_share(p_alone=1.0) < 0.45
+
+
+def test_sampler_can_add_photometry_to_a_source_given_alone(small_embedded):
+    """p_extra: of the one-source draws, a share also get the other magnitudes, each with a random
+    keep rate; at 0 an XP spectrum given alone comes with G at most."""
+    t = small_embedded.select(XP_G + ["bp", "rp", "j", "teff", "logg"])
+    data = NormalisedData.from_table(t, t.vocab)
+    rows = torch.arange(len(data))[:400]
+    xp = set(t.vocab.ids(XP_NAMES).tolist())
+    others = set(t.vocab.ids(["bp", "rp", "j"]).tolist())
+
+    def with_photometry(p_extra):
+        b = sample_batch(data, rows, torch.Generator().manual_seed(9), max_targets=8, p_group=1.0, p_alone=1.0,
+                         p_xp=1.0, p_gap=0.0, p_extra=p_extra)
+        given = [set(b["ids"][r][b["mask"][r]].tolist()) for r in range(len(rows))]
+        return [len(g & others) for g in given if xp <= g]
+
+    assert max(with_photometry(0.0)) == 0
+    counts = with_photometry(1.0)
+    assert 0.3 < np.mean([c > 0 for c in counts]) < 0.9 and {1, 2, 3} <= set(counts)
 
 
 def test_sampler_gives_half_spectra(small_embedded):
