@@ -251,7 +251,8 @@ def _bench(args) -> int:
     from .bench import BenchConfig, run_benchmark, to_markdown
 
     cfg = BenchConfig(model=args.model, out_dir=args.out, cache_dir=args.cache_dir, quick=args.quick,
-                      methods=tuple(args.methods), input_sets=tuple(args.inputs), evaluate_on=args.split)
+                      methods=tuple(args.methods), input_sets=tuple(args.inputs), evaluate_on=args.split,
+                      baseline_cache=not args.no_baseline_cache, baseline_cache_dir=args.baseline_cache_dir)
     try:
         result = run_benchmark(cfg, log=lambda msg: print(msg, file=sys.stderr))
     except (ImportError, ValueError) as exc:
@@ -338,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--want", nargs="+", default=LABELS, help="tokens to calibrate (default: the bench's labels)")
     cal.set_defaults(func=_calibrate)
 
-    bench = sub.add_parser("bench", help="accuracy, calibration and speed vs XGBoost, an MLP and kNN (test split)")
+    bench = sub.add_parser("bench", help="accuracy, calibration and speed vs XGBoost, MLPs and kNN (test split)")
     bench.add_argument("--model", default=str(DEFAULT_MODEL), help="model directory")
     bench.add_argument("--out", default="benchmarks/results", help="directory for bench.json, bench.md, plots")
     bench.add_argument("--cache-dir", help="data cache directory")
@@ -348,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="input sets: " + "; ".join(f"{k} = {v[0]}" for k, v in INPUT_SETS.items()))
     bench.add_argument("--split", default="test", choices=["test", "val"],
                        help="split to measure: test for reported figures, val to compare models")
+    bench.add_argument("--no-baseline-cache", action="store_true",
+                       help="retrain every baseline instead of reusing a cached result (and rewrite the cache)")
+    bench.add_argument("--baseline-cache-dir", help="baseline result cache (default: OUT/baseline_cache)")
     bench.set_defaults(func=_bench)
 
     from .survey import add_label_command

@@ -6,10 +6,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stellarlm.bench import INPUT_SETS, LABELS, METHODS
+from stellarlm.bench import BASELINES, INPUT_SETS, LABELS, METHODS, BenchConfig, run_benchmark
 from stellarlm.bench.metrics import binned_metrics, calibration_metrics, residual_metrics
 from stellarlm.cli import main
-from stellarlm.vocab import robust_scatter
+from stellarlm.vocab import LAMOST_NAMES, XP_NAMES, robust_scatter
+
+WITH_SIGMA = ("stellarlm", "mlp", "mlp_ensemble")
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +29,10 @@ def test_quick_bench_writes_every_table_and_plot(quick_bench, capsys):
         assert set(entry["methods"]) == set(METHODS)
         for method, res in entry["methods"].items():
             assert set(res["labels"]) == set(LABELS)
-            assert ("calibration" in res["labels"]["teff"]) == (method in ("stellarlm", "mlp"))
+            assert ("calibration" in res["labels"]["teff"]) == (method in WITH_SIGMA)
+            if method in BASELINES:  # the training cost, measured; nothing cached on a first run
+                assert res["info"]["cpu_seconds"] >= 0 and res["info"]["wall_seconds"] >= 0
+                assert res["info"]["cached"] is False
     for name in result["plots"]:
         assert (out / name).stat().st_size > 10_000, name
     assert len(result["plots"]) == len(INPUT_SETS) * (len(LABELS) + 1)
@@ -37,6 +42,114 @@ def test_quick_bench_writes_every_table_and_plot(quick_bench, capsys):
     assert speed["training_samples_per_s"] > 0
     md = (out / "bench.md").read_text()
     assert "QUICK RUN" in md and "| XP + G | stellarlm |" in md
+    for key, (description, _) in INPUT_SETS.items():
+        for method in METHODS:
+            assert f"| {description} | {method} |" in md or f"| {description} (" in md, (key, method)
+        for method in BASELINES:  # the cost table: settings, CPU and wall seconds
+            assert f"| {description} | {method} | " in md.split("**Baselines**")[1]
+    assert "cosine" in md and "depth/learning rate/rounds" in md
+
+
+def test_input_sets_colours_and_lamost(quick_bench):
+    """XP + G + colours: the magnitudes (every method the same information); LAMOST-like alone:
+    only the stars that have the (synthetic) spectrum, the same stars for every method."""
+    result, _ = quick_bench
+    assert INPUT_SETS["xp_colours"][1] == XP_NAMES + ["g", "bp", "rp", "j", "h", "k"]
+    assert INPUT_SETS["lamost"][1] == LAMOST_NAMES and "synthetic" in INPUT_SETS["lamost"][0].lower()
+    entry = result["input_sets"]["lamost"]
+    assert 0 < entry["n"]["test"] <= result["n"]["test"]
+    for res in entry["methods"].values():
+        assert res["labels"]["teff"]["overall"]["n"] == entry["n"]["test"]  # every method, every star
+
+
+def test_xgboost_is_tuned_on_validation(quick_bench):
+    info = quick_bench[0]["input_sets"]["xp_g"]["methods"]["xgboost"]["info"]
+    assert set(info["chosen"]) == set(LABELS)
+    for label in LABELS:
+        grid = info["grid"][label]
+        assert len(grid) == len(info["max_depths"]) * len(info["learning_rates"]) >= 4
+        assert info["chosen"][label]["val_rmse"] == min(p["val_rmse"] for p in grid)
+
+
+def test_mlp_teff_is_learnt_in_log10_and_answered_in_kelvin(quick_bench, small_embedded):
+    from stellarlm.bench.baselines import mlp_predict, torch_threads
+
+    for method in ("mlp", "mlp_ensemble"):  # in the bench: residuals in K, not in dex of log10(K)
+        res = quick_bench[0]["input_sets"]["xp_g"]["methods"][method]
+        assert res["info"]["log_columns"] == [LABELS.index("teff")]
+        teff = res["labels"]["teff"]
+        assert 10 < teff["overall"]["robust_scatter"] < 2000 and abs(teff["overall"]["bias"]) < 1000
+        assert 0.2 < teff["calibration"]["z_std"] < 5
+    t = small_embedded.select(XP_NAMES + ["g", "teff"])
+    x, y, e = t.values[:, :-1].astype(float), t.values[:, -1:].astype(float), t.errors[:, -1:].astype(float)
+    with torch_threads(1):
+        mean, sigma, info = mlp_predict(x[:800], y[:800], e[:800], x[800:1000], y[800:1000], e[800:1000],
+                                        x[1000:1200], max_epochs=4, log_columns=[0])
+    assert 3500 < np.median(mean) < 7000 and (mean > 2000).all() and (mean < 20000).all()  # K
+    assert 10 < np.median(sigma) < 3000 and (sigma > 0).all()  # K, not dex
+    assert 1 <= info["best_epoch"] <= 4 and info["schedule"] == "cosine"
+
+
+def test_ensemble_combines_its_members():
+    """mean = mean of the members' means; variance = mean of their variances + variance of the means,
+    so the ensemble's sigma is never below the members' mean sigma."""
+    from stellarlm.bench.baselines import mlp_ensemble_predict, mlp_predict, torch_threads
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(400, 5))
+    y = np.column_stack([5000 + 400 * x[:, 0] + 50 * rng.normal(size=400), x[:, 1] + 0.3 * rng.normal(size=400)])
+    y[::7, 1] = np.nan  # a missing label is masked
+    e = np.full_like(y, 0.01)
+    args = (x[:250], y[:250], e[:250], x[250:320], y[250:320], e[250:320], x[320:])
+    with torch_threads(1):
+        mean, sigma, info = mlp_ensemble_predict(*args, seed=3, members=3, max_epochs=2, hidden=32, log_columns=[0])
+        members = [mlp_predict(*args, seed=3 + i, max_epochs=2, hidden=32, log_columns=[0]) for i in range(3)]
+    means, sigmas = np.stack([m[0] for m in members]), np.stack([m[1] for m in members])
+    assert info["seeds"] == [3, 4, 5] and info["n_members"] == 3
+    np.testing.assert_allclose(mean, means.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(sigma ** 2, (sigmas ** 2).mean(0) + means.var(0), rtol=1e-6)
+    assert (sigma >= sigmas.mean(0) - 1e-9).all()
+    assert np.isfinite(mean).all() and (mean[:, 0] > 1000).all()
+
+
+def test_baseline_cache_is_used_and_invalidated(quick_bench, small_embedded, tmp_path):
+    """A second run takes every baseline from the cache (same numbers); another seed, other input
+    data or --no-baseline-cache retrain; an unreadable cache file is ignored with a warning."""
+    from stellarlm.data.embedded import EMBEDDED_FILE
+
+    first, out = quick_bench
+    data_dir = str(Path(small_embedded.meta["path"]).parent)
+    common = dict(quick=True, out_dir=str(tmp_path / "run"), cache_dir=data_dir,
+                  baseline_cache_dir=str(out / "baseline_cache"))
+    again = run_benchmark(BenchConfig(methods=BASELINES, input_sets=("lamost",), **common), log=lambda msg: None)
+    for method in BASELINES:
+        res, before = again["input_sets"]["lamost"]["methods"][method], first["input_sets"]["lamost"]["methods"][method]
+        assert res["info"]["cached"] is True
+        assert res["info"]["cpu_seconds"] == before["info"]["cpu_seconds"]  # the cost of the run that made it
+        assert res["labels"]["teff"]["overall"] == before["labels"]["teff"]["overall"]
+    assert "| cached |" in (tmp_path / "run" / "bench.md").read_text()
+
+    def cached(**kw):
+        cfg = {**common, "methods": ("knn",), "input_sets": ("phot",), **kw}
+        result = run_benchmark(BenchConfig(**cfg), log=lambda msg: None)
+        return result["input_sets"]["phot"]["methods"]["knn"]["info"]["cached"]
+
+    assert cached() is True
+    assert cached(seed=1) is False and cached(seed=1) is True
+    assert cached(baseline_cache=False) is False and cached() is True  # retrained, and the cache rewritten
+    changed = small_embedded.subset(np.arange(len(small_embedded)))  # a copy
+    changed.values[changed.split == 0, changed.names.index("j")] += 0.01  # one input column of the training stars
+    (tmp_path / "data").mkdir()
+    changed.save(tmp_path / "data" / EMBEDDED_FILE)
+    assert cached(cache_dir=str(tmp_path / "data")) is False
+
+    cache = tmp_path / "own_cache"
+    assert cached(baseline_cache_dir=str(cache)) is False
+    (path,) = cache.glob("phot_knn_*.npz")
+    path.write_bytes(b"not a cache file")
+    with pytest.warns(UserWarning, match="ignored"):
+        assert cached(baseline_cache_dir=str(cache)) is False
+    assert cached(baseline_cache_dir=str(cache)) is True  # rewritten
 
 
 def test_quick_bench_stellarlm_beats_predicting_the_median(quick_bench):

@@ -1,10 +1,22 @@
-"""Benchmarks: stellarlm side by side with XGBoost, a task-specific MLP and k-nearest neighbours.
+"""Benchmarks: stellarlm side by side with XGBoost, task-specific MLPs and k-nearest neighbours.
 
 ``run_benchmark`` predicts Teff, logg, [M/H] and [alpha/M] for the held-out test split of the
-embedded data from three input sets (XP + G; XP + photometry + parallax; photometry alone). The
-baselines are trained on the identical training split with the identical inputs and stop early on
-the validation split; stellarlm is one trained model queried with each input set. It measures
-accuracy (overall, and in bins of Teff and G), calibration, speed, and draws the plots.
+embedded data from five input sets (``INPUT_SETS``: XP + G; XP + G + colours, i.e. the BP, RP, J, H
+and Ks magnitudes; XP + photometry + parallax; photometry alone; the synthetic LAMOST-like spectrum
+alone). stellarlm is one trained model queried with each input set. The baselines
+(``stellarlm.bench.baselines``) get the identical training split and inputs and are tuned as
+carefully as the model, on the validation split only: XGBoost over a grid of depth x learning
+rate with early stopping, the best grid point per label by validation RMSE; an MLP (3 x 512 GELU,
+AdamW, 60 epochs with a cosine learning rate, the best validation-NLL epoch kept, Teff learnt as
+log10); a deep ensemble of 5 such MLPs; kNN (k = 16). Stars with none of an input set's inputs
+(some have no LAMOST-like spectrum) are left out of every split for that set. It measures accuracy
+(overall, and in bins of Teff and G), calibration, each baseline's training cost (CPU and wall
+seconds) and speed, and draws the plots.
+
+The baselines do not depend on the model, so their results are cached (``stellarlm.bench.cache``)
+under ``<out_dir>/baseline_cache/``, keyed by the data, the inputs, the method, its settings, the
+caps, the seed, the evaluated split and the baselines' code; ``BenchConfig(baseline_cache=False)``
+(``stellarlm bench --no-baseline-cache``) retrains them.
 
 Training the baselines takes minutes, so the doctests skip this example (``stellarlm bench --quick``
 runs it):
@@ -19,26 +31,36 @@ The code lives in the package (rather than only in ``benchmarks/``) so that the 
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..vocab import XP_NAMES
+from ..vocab import LAMOST_NAMES, XP_NAMES
 from .metrics import G_BINS, TEFF_BINS, binned_metrics, calibration_metrics, residual_metrics, z_scores
 
 PHOTOMETRY = ["g", "bp", "rp", "j", "h", "k"]
+# Leung & Bovy's headline inputs are XP + G + the colours J-H, J-K and BP-RP. stellarlm has tokens
+# for magnitudes, not colours, and G with those three colours cannot give back G-J (nor BP and RP
+# apart), so colours for the baselines would hold less than magnitudes for the model. Every method
+# therefore gets the magnitudes themselves, from which any colour follows.
 INPUT_SETS = {
     "xp_g": ("XP + G", XP_NAMES + ["g"]),
+    "xp_colours": ("XP + G + colours (BP, RP, J, H, Ks)", XP_NAMES + PHOTOMETRY),
     "xp_phot": ("XP + photometry + parallax", XP_NAMES + PHOTOMETRY + ["parallax"]),
     "phot": ("photometry alone (G, BP, RP, J, H, Ks)", PHOTOMETRY),
+    "lamost": ("LAMOST-like spectrum alone (synthetic)", LAMOST_NAMES),
 }
 LABELS = ["teff", "logg", "m_h", "alpha_m"]
 SPEED_LABELS = ["teff", "logg", "m_h"]
-METHODS = ("stellarlm", "xgboost", "mlp", "knn")
+METHODS = ("stellarlm", "xgboost", "mlp", "mlp_ensemble", "knn")
+BASELINES = tuple(m for m in METHODS if m != "stellarlm")
 
 
 @dataclass
@@ -54,20 +76,29 @@ class BenchConfig:
     # the split measured: "test" for reported figures; "val" to choose between models without
     # looking at the test stars (the baselines then stop early on the split they are measured on)
     evaluate_on: str = "test"
-    caps: dict = field(default_factory=dict)  # filled from ``quick``: stars per split, rounds, epochs
+    caps: dict = field(default_factory=dict)  # filled from ``quick``: stars per split, rounds, epochs, threads
+    # baseline results are reused from ``baseline_cache_dir`` (default ``<out_dir>/baseline_cache``)
+    # when nothing they depend on has changed; False retrains every one (and rewrites its cache file)
+    baseline_cache: bool = True
+    baseline_cache_dir: str | None = None
 
 
-QUICK_CAPS = {"train": 1500, "val": 300, "test": 400, "xgb_rounds": 30, "mlp_epochs": 3, "speed_seconds": 0.05,
-              "speed_repeats": 1, "train_steps": 1}
-FULL_CAPS = {"train": None, "val": None, "test": None, "xgb_rounds": 3000, "mlp_epochs": 300, "speed_seconds": 2.0,
-             "speed_repeats": 3, "train_steps": 10}
+# xgb_*: XGBoost's most rounds (early stopping on validation picks fewer) and its grid of depth x
+# learning rate; the quick run's grid is shallower (depth 8 alone costs more than the rest of it).
+# baseline_threads: the baselines' threads (XGBoost's nthread, torch's threads for the MLPs and kNN);
+# one in the quick run, where two threads' synchronisation costs more than it gains on a busy machine.
+QUICK_CAPS = {"train": 1500, "val": 300, "test": 400, "xgb_rounds": 30, "xgb_max_depths": (2, 4),
+              "xgb_learning_rates": (0.1, 0.3), "mlp_epochs": 3, "baseline_threads": 1,
+              "speed_seconds": 0.05, "speed_repeats": 1, "train_steps": 1}
+FULL_CAPS = {"train": None, "val": None, "test": None, "xgb_rounds": 3000, "xgb_max_depths": (4, 6, 8),
+             "xgb_learning_rates": (0.03, 0.1), "mlp_epochs": 60, "baseline_threads": 2,
+             "speed_seconds": 2.0, "speed_repeats": 3, "train_steps": 10}
 
 
 def run_benchmark(cfg: BenchConfig, log=print) -> dict:
     """Run the benchmark; write ``bench.json``, ``bench.md`` and PNG plots to ``cfg.out_dir``."""
     from ..data.embedded import load_embedded
     from ..query import StellarLM
-    from .baselines import knn_predict, mlp_predict, xgboost_predict
     from .plots import predicted_vs_true, z_histograms
     from .speed import inference_rate, machine, training_rate
 
@@ -77,6 +108,7 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
     caps = {**(QUICK_CAPS if cfg.quick else FULL_CAPS), **cfg.caps}
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = Path(cfg.baseline_cache_dir) if cfg.baseline_cache_dir else out_dir / "baseline_cache"
     model_dir = cfg.model or str(_default_model())
     model = StellarLM.load(model_dir)
     table = load_embedded(cfg.cache_dir)
@@ -86,10 +118,6 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
     for s in ("train", "val", "test"):
         part = table.subset(cfg.evaluate_on if s == "test" else s)
         split[s] = part.subset(slice(0, caps[s])) if caps[s] else part
-    truth = split["test"].select(LABELS)
-    y = {s: split[s].select(LABELS).values.astype(np.float64) for s in split}
-    e = {s: split[s].select(LABELS).errors.astype(np.float64) for s in split}
-    by = {"teff": truth.column("teff").astype(np.float64), "g": split["test"].column("g").astype(np.float64)}
     result = {"date": time.strftime("%Y-%m-%d"), "quick": cfg.quick, "evaluated_on": cfg.evaluate_on, "model": model_dir,
               "model_parameters": model.model.n_parameters(), "machine": machine(), "labels": LABELS,
               "n": {s: len(split[s]) for s in split}, "data": table.meta.get("name"),
@@ -99,27 +127,37 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
     for key in cfg.input_sets:
         description, inputs = INPUT_SETS[key]
         log(f"[bench] {description}: {', '.join(cfg.methods)}")
-        x = {s: split[s].select(inputs).values.astype(np.float64) for s in split}
+        # a star with none of the set's inputs (no LAMOST-like spectrum) has nothing to be predicted
+        # from (stellarlm answers NaN): it is left out of every split, for every method alike
+        part = {}
+        for s, t in split.items():
+            seen = np.isfinite(t.select(inputs).values).any(1)
+            part[s] = t if seen.all() else t.subset(np.flatnonzero(seen))
+        x = {s: part[s].select(inputs).values.astype(np.float64) for s in part}
+        y = {s: part[s].select(LABELS).values.astype(np.float64) for s in part}
+        e = {s: part[s].select(LABELS).errors.astype(np.float64) for s in part}
+        by = {"teff": y["test"][:, LABELS.index("teff")], "g": part["test"].column("g").astype(np.float64)}
         preds, sigmas, info, pits = {}, {}, {}, {}
         for method in cfg.methods:
             t0 = time.time()
             if method == "stellarlm":
-                answer = model.predictive(split["test"].observed(inputs), LABELS, batch_size=4096)
+                answer = model.predictive(part["test"].observed(inputs), LABELS, batch_size=4096)
                 preds[method], sigmas[method] = answer.moments()
                 pits[method] = answer.convolved(e["test"]).cdf(y["test"])
                 info[method] = {}
-            elif method == "xgboost":
-                preds[method], info[method] = xgboost_predict(x["train"], y["train"], x["val"], y["val"], x["test"],
-                                                              seed=cfg.seed, max_rounds=caps["xgb_rounds"])
-            elif method == "mlp":
-                preds[method], sigmas[method], info[method] = mlp_predict(
-                    x["train"], y["train"], e["train"], x["val"], y["val"], e["val"], x["test"], seed=cfg.seed,
-                    max_epochs=caps["mlp_epochs"])
             else:
-                preds[method] = knn_predict(x["train"], y["train"], x["test"])
-                info[method] = {}
+                spec = {"method": method, "settings": _baseline_settings(method, caps, cfg.seed),
+                        "inputs": inputs, "labels": LABELS, "data": table.meta.get("name"),
+                        "n": {s: len(part[s]) for s in part}, "stars_per_split_caps": {s: caps[s] for s in part},
+                        "seed": cfg.seed, "evaluated_on": cfg.evaluate_on, "code": _baselines_code_hash(),
+                        "versions": _versions(method)}
+                pred, sigma, info[method] = _cached_baseline(cache_dir, f"{key}_{method}", spec, x, y, e,
+                                                             reuse=cfg.baseline_cache, log=log)
+                preds[method] = pred
+                if sigma is not None:
+                    sigmas[method] = sigma
             info[method]["seconds"] = round(time.time() - t0, 2)
-        entry = {"description": description, "inputs": inputs, "methods": {}}
+        entry = {"description": description, "inputs": inputs, "n": {s: len(part[s]) for s in part}, "methods": {}}
         for method in cfg.methods:
             per_label = {}
             for j, label in enumerate(LABELS):
@@ -180,6 +218,96 @@ def _training_seconds(model_dir: Path) -> float | None:
     return rows[-1].get("seconds") if rows else None
 
 
+# --- the baselines, trained or taken from the cache ---------------------------------------------
+def _baseline_function(method: str):
+    from .baselines import knn_predict, mlp_ensemble_predict, mlp_predict, xgboost_predict
+
+    return {"xgboost": xgboost_predict, "mlp": mlp_predict, "mlp_ensemble": mlp_ensemble_predict,
+            "knn": knn_predict}[method]
+
+
+def _baseline_settings(method: str, caps: dict, seed: int) -> dict:
+    """Every keyword argument a baseline runs with, its defaults spelled out (they are part of the
+    cache key and of the recorded info), plus the threads it runs on."""
+    from .baselines import mlp_predict
+
+    teff = [LABELS.index("teff")]
+    given = {"xgboost": {"seed": seed, "max_rounds": caps["xgb_rounds"], "max_depths": caps["xgb_max_depths"],
+                         "learning_rates": caps["xgb_learning_rates"], "nthread": caps["baseline_threads"],
+                         "targets": LABELS},
+             "mlp": {"seed": seed, "max_epochs": caps["mlp_epochs"], "log_columns": teff},
+             "mlp_ensemble": {"seed": seed, "max_epochs": caps["mlp_epochs"], "log_columns": teff},
+             "knn": {}}[method]
+    fns = [_baseline_function(method)] + ([mlp_predict] if method == "mlp_ensemble" else [])
+    settings = {}
+    for fn in fns:
+        for name, p in inspect.signature(fn).parameters.items():
+            if p.default is not inspect.Parameter.empty and name not in settings:
+                settings[name] = p.default
+    settings.update(given)
+    settings = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
+    return {"kwargs": settings, "threads": caps["baseline_threads"]}
+
+
+def _cached_baseline(cache_dir: Path, name: str, spec: dict, x: dict, y: dict, e: dict, reuse: bool = True,
+                     log=print) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """One baseline's (predictions, sigmas or None, info) on the evaluated split: from the cache in
+    ``cache_dir`` when ``reuse`` and its key matches (``info["cached"]`` True), else trained and
+    stored there (replacing any earlier file for the key). ``info`` has ``cpu_seconds`` and
+    ``wall_seconds``: the cost of training and predicting, as measured when the result was made."""
+    from .baselines import torch_threads
+    from .cache import baseline_key, load_baseline, save_baseline
+
+    shape = (len(x["test"]), len(LABELS))
+    arrays = {f"{a}_{s}": d[s] for a, d in (("x", x), ("y", y), ("e", e)) for s in ("train", "val", "test")}
+    key = baseline_key(spec, arrays)
+    if reuse:
+        hit = load_baseline(cache_dir, name, key, shape)
+        if hit is not None:
+            log(f"[bench]   {spec['method']}: cached ({name}, key {key[:12]})")
+            pred, sigma, info = hit
+            return pred, sigma, {**info, "cached": True}
+    method, kwargs = spec["method"], dict(spec["settings"]["kwargs"])
+    fn = _baseline_function(method)
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    with torch_threads(spec["settings"]["threads"]):
+        if method == "xgboost":
+            pred, info = fn(x["train"], y["train"], x["val"], y["val"], x["test"], **kwargs)
+            sigma = None
+        elif method in ("mlp", "mlp_ensemble"):
+            pred, sigma, info = fn(x["train"], y["train"], e["train"], x["val"], y["val"], e["val"], x["test"],
+                                   **kwargs)
+        else:
+            pred, sigma = fn(x["train"], y["train"], x["test"], **kwargs), None
+            info = {"k": kwargs["k"]}
+    # the whole call's cost (the functions' own figures leave out their few setup lines)
+    info = {**info, "cpu_seconds": round(time.process_time() - cpu0, 2),
+            "wall_seconds": round(time.perf_counter() - wall0, 2), "threads": spec["settings"]["threads"]}
+    log(f"[bench]   {method}: trained in {info['cpu_seconds']} CPU s, {info['wall_seconds']} wall s")
+    try:
+        save_baseline(cache_dir, name, key, spec, pred, sigma, info)
+    except OSError as exc:  # a cache that cannot be written costs a retraining next time, nothing more
+        warnings.warn(f"baseline cache not written for {name} ({exc})", stacklevel=2)
+    return pred, sigma, {**info, "cached": False}
+
+
+def _baselines_code_hash() -> str:
+    """SHA-256 of the baselines' source: an edited baseline never reuses an old cached result."""
+    return hashlib.sha256((Path(__file__).parent / "baselines.py").read_bytes()).hexdigest()
+
+
+def _versions(method: str) -> dict:
+    versions = {"numpy": np.__version__, "torch": torch.__version__}
+    if method == "xgboost":
+        try:
+            import xgboost
+
+            versions["xgboost"] = xgboost.__version__
+        except ImportError:
+            versions["xgboost"] = None
+    return versions
+
+
 # --- the report --------------------------------------------------------------------------------
 LABEL_HEAD = {"teff": "Teff [K]", "logg": "logg [dex]", "m_h": "[M/H] [dex]", "alpha_m": "[α/M] [dex]"}
 
@@ -188,8 +316,48 @@ def _fmt(x: float, label: str) -> str:
     return f"{x:.0f}" if label == "teff" else f"{x:.3f}"
 
 
+def _inputs_cell(entry: dict, result: dict) -> str:
+    """The input set's description, with its star count where stars without any of its inputs were left out."""
+    n = entry.get("n", {}).get("test", result["n"]["test"])
+    return entry["description"] + (f" ({n} stars)" if n != result["n"]["test"] else "")
+
+
+def _settings(method: str, info: dict) -> str:
+    """A baseline's settings in a few words: what was chosen on the validation split."""
+    if method == "xgboost" and "chosen" in info:
+        chosen = "; ".join(f"{label} {c['max_depth']}/{c['learning_rate']:g}/{c['rounds']}"
+                           for label, c in info["chosen"].items())
+        return f"depth/learning rate/rounds: {chosen}"
+    if method in ("mlp", "mlp_ensemble") and "hidden" in info:
+        net = f"{info['layers']}x{info['hidden']} GELU, {info['schedule']} lr {info['lr']:g}"
+        if method == "mlp":
+            return f"{net}, best epoch {info['best_epoch']}/{info['epochs']}"
+        epochs = info["best_epochs"]
+        return f"{info['n_members']} x ({net}), best epochs {min(epochs)}-{max(epochs)}/{info['epochs']}"
+    if method == "knn" and "k" in info:
+        return f"k = {info['k']}"
+    return ""
+
+
+def _cost_table(result: dict) -> list[str]:
+    rows = [(entry, method, res["info"]) for entry in result["input_sets"].values()
+            for method, res in entry["methods"].items() if "cpu_seconds" in res["info"]]
+    if not rows:
+        return []
+    lines = ["", "**Baselines**: the settings chosen on the validation split, and the cost of training (and "
+             "predicting) each: CPU seconds (process time, all threads) and wall seconds, as measured when the "
+             "result was made (\"cached\": taken from the baseline cache, not retrained in this run).", "",
+             "| inputs | method | settings | threads | CPU s | wall s | cached |", "|---|---|---|---|---|---|---|"]
+    for entry, method, info in rows:
+        lines.append(f"| {entry['description']} | {method} | {_settings(method, info)} | {info.get('threads', '?')} | "
+                     f"{info['cpu_seconds']:,.1f} | {info['wall_seconds']:,.1f} | "
+                     f"{'cached' if info.get('cached') else 'trained'} |")
+    return lines
+
+
 def to_markdown(result: dict) -> str:
-    """The benchmark's tables as markdown: accuracy, calibration, accuracy in bins, speed."""
+    """The benchmark's tables as markdown: accuracy, calibration, the baselines' settings and cost,
+    accuracy in bins, speed."""
     labels = result["labels"]
     lines = [f"{result.get('evaluated_on', 'test').capitalize()} split: {result['n']['test']} stars (training {result['n']['train']}, validation "
              f"{result['n']['val']}); {result['date']}; {result['machine']['cpu']}, "
@@ -204,10 +372,11 @@ def to_markdown(result: dict) -> str:
                 o = res["labels"][label]["overall"]
                 cells.append(f"{_fmt(o['robust_scatter'], label)} ({_fmt(o['bias'], label)}, "
                              f"{100 * o['outlier_fraction']:.1f}%)")
-            lines.append(f"| {entry['description']} | {method} | " + " | ".join(cells) + " |")
+            lines.append(f"| {_inputs_cell(entry, result)} | {method} | " + " | ".join(cells) + " |")
     lines += ["", "**Calibration**: std of z = (pred - APOGEE) / sqrt(σ_pred² + σ_APOGEE²), and the fraction "
               "of stars inside the central 68% and 95% intervals (0.68 and 0.95 when calibrated): for stellarlm "
-              "the intervals of its predictive mixture (APOGEE's error folded in), for the MLP |z| < 1 and < 1.96.",
+              "the intervals of its predictive mixture (APOGEE's error folded in), for the MLP and the MLP "
+              "ensemble |z| < 1 and < 1.96.",
               "",
               "| inputs | method | " + " | ".join(LABEL_HEAD[x] for x in labels) + " |",
               "|---|---|" + "---|" * len(labels)]
@@ -217,7 +386,8 @@ def to_markdown(result: dict) -> str:
                 continue
             cells = [f"{c['z_std']:.2f} / {c['coverage_68']:.2f} / {c['coverage_95']:.2f}"
                      for c in (res["labels"][x]["calibration"] for x in labels)]
-            lines.append(f"| {entry['description']} | {method} | " + " | ".join(cells) + " |")
+            lines.append(f"| {_inputs_cell(entry, result)} | {method} | " + " | ".join(cells) + " |")
+    lines += _cost_table(result)
     first = next(iter(result["input_sets"].values()), None)
     if first:
         for bins, what in (("teff_bins", "APOGEE Teff [K]"), ("g_bins", "G [mag]")):
