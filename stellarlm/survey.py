@@ -172,6 +172,7 @@ class FixedInputEncoder:
             self.m = torch.zeros(len(t), len(uniq), device=dev)
             self.m[torch.arange(len(t), device=dev), inverse] = 1.0
             self.bias = self.m.T @ emb.bias.weight[t].detach()  # (P, d): the summed name biases
+        self.ids = t.unsqueeze(0)
         self.net = net
 
     def encode(self, values, errors):
@@ -183,9 +184,11 @@ class FixedInputEncoder:
         summed = torch.matmul(h.transpose(1, 2), self.m.to(h.dtype)).transpose(1, 2)  # (B, P, d)
         x = self.net.embed.out(summed) + self.bias.to(summed.dtype)
         mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        for block in self.net.encoder:
-            x = block(x, mask)
-        return self.net.encoder_norm(x), mask
+        if self.net.stem is not None:
+            ids = self.ids.expand(len(values), -1)
+            stem_x, stem_mask = self.net.stem(ids, values, errors, torch.ones_like(ids, dtype=torch.bool))
+            x, mask = torch.cat([x, stem_x.to(x.dtype)], 1), torch.cat([mask, stem_mask], 1)
+        return self.net.run_encoder(x, mask)
 
 
 class Labeller:

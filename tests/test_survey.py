@@ -273,3 +273,29 @@ def test_label_datalink_product_with_synthetic_g(tiny_model, tmp_path):
     assert cols["source_id"].tolist() == [5937083312263887616]
     assert cols["g_source"].astype(str)[0].strip() == "synthetic" and abs(cols["g"][0] - 13.871) < 0.01
     assert np.isfinite(cols["teff"]).all()
+
+
+@pytest.mark.parametrize("stem_tokens", [0, 2])
+def test_fixed_input_encoder_is_the_network_encoder(stem_tokens):
+    """The labeller's shortcut (tables looked up once, patches summed by a matrix product) encodes
+    XP + G as the network does, with and without a spectrum stem."""
+    import torch
+
+    from stellarlm.model import ModelConfig, StellarTransformer
+    from stellarlm.survey import FixedInputEncoder
+    from stellarlm.vocab import XP_NAMES, Vocabulary
+
+    vocab = Vocabulary.default()
+    torch.manual_seed(0)
+    net = StellarTransformer(ModelConfig(n_vocab=len(vocab), d_model=32, n_heads=2, n_encoder_layers=2,
+                                         n_decoder_layers=1, patch_of=vocab.patches(5, 20),
+                                         stem_of=vocab.spectra(), stem_tokens=stem_tokens)).eval()
+    ids = vocab.ids(XP_NAMES + ["g"])
+    values, errors = torch.randn(5, len(ids)), torch.rand(5, len(ids)) * 0.1 + 0.01
+    t = torch.as_tensor(ids).expand(5, -1)
+    with torch.no_grad():
+        want, want_mask = net.encode(t, values, errors, torch.ones_like(t, dtype=torch.bool))
+        got, got_mask = FixedInputEncoder(net, ids).encode(values, errors)
+    assert torch.equal(want_mask, got_mask)
+    # encode packs the patches in id order, as the shortcut does
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
