@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import typing
 from pathlib import Path
@@ -97,7 +98,8 @@ def _train(args) -> int:
             table.vocab.group(g)  # raises on an unknown group name
         table = table.select([n for n in table.names if table.vocab[n].group not in args.without])
     out = train(table, cfg, resume=args.resume, allow_config_change=args.allow_config_change)
-    print(f"model written to {out}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 wrote it
+        print(f"model written to {out}")
     return 0
 
 

@@ -34,11 +34,24 @@ verified): same step, optimiser and RNG state, so the resumed run ends with the 
 uninterrupted one. A resume with other options or other training data is refused
 (:class:`~stellarlm.errors.ConfigError`) unless ``allow_config_change``; a lock file on ``<out>``
 stops a second training from writing into the same directory.
+
+Processes: under ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` set)
+or with a process group already initialised, :func:`train` runs as one rank of a
+DistributedDataParallel job (gloo on the CPU, NCCL on a GPU, ``cuda:LOCAL_RANK``). Every rank
+draws the whole global batch from the shared generator, exactly as one process does, and keeps a
+contiguous slice of its stars (:func:`_rank_rows`); each rank's summed NLL is divided by the
+global batch's number of targets (known to every rank: no communication), so the averaged
+gradient is the gradient of the single-process loss. Rank 0 alone logs, evaluates and writes
+checkpoints; the others wait at a barrier. The checkpoint holds nothing that depends on the
+number of ranks, so ``--resume`` may use another world size (same batches, same result up to
+float rounding). Under DDP each rank runs its sub-batches one after the other (``workers`` = 1).
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -46,8 +59,8 @@ import re
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Iterator
 
@@ -160,6 +173,72 @@ class NormalisedData:
 
     def __len__(self) -> int:
         return len(self.values)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write to one safetensors file (atomically): the arrays already in model units, so that
+        :meth:`load` can memory-map them and a training set larger than memory is read a batch's
+        rows at a time (docs/survey_scale.md, "Training at survey scale")."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {f.name: getattr(self, f.name).contiguous() for f in fields(self)
+                   if torch.is_tensor(getattr(self, f.name))}
+        meta = {"format": NORMALISED_FORMAT, "xp_source": json.dumps(self.xp_source)}
+        atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, mmap: bool = True) -> NormalisedData:
+        """Read a file written by :meth:`save`. ``mmap``: ``values`` and ``errors`` are memory-mapped
+        (copy-on-write, never written back), not read: no copy, and :func:`sample_batch` touches
+        only the pages of the rows it draws. DataFileError for a file that is not one."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                keys = set(f.keys())
+                small = {k: f.get_tensor(k) for k in keys if k not in ("values", "errors") or not mmap}
+            if meta.get("format") != NORMALISED_FORMAT:
+                raise ValueError(f"missing format tag {NORMALISED_FORMAT!r}")
+            if mmap:
+                small.update(_map_arrays(path, ("values", "errors")))
+            names = [f.name for f in fields(cls) if f.name != "xp_source"]
+            data = cls(**{n: small.get(n) for n in names}, xp_source=json.loads(meta["xp_source"]))
+            t = len(data.ids)
+            if data.values.shape != data.errors.shape or data.values.ndim != 2 or data.values.shape[1] != t:
+                raise ValueError(f"values {tuple(data.values.shape)} and errors {tuple(data.errors.shape)} "
+                                 f"for {t} columns")
+        except DataFileError:
+            raise
+        except Exception as exc:  # safetensors raises several types for a damaged file
+            raise DataFileError(path, f"not a normalised training set ({type(exc).__name__}: {exc})") from exc
+        return data
+
+
+NORMALISED_FORMAT = "stellarlm-normalised"
+
+
+def _map_arrays(path: Path, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Tensors over ``np.memmap`` views of the named arrays of a safetensors file (8-byte header
+    length, a JSON header giving each array's dtype, shape and byte range, then the raw bytes)."""
+    dtypes = {"F32": np.float32, "F64": np.float64, "I64": np.int64}
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    out = {}
+    for name in names:
+        info = header[name]
+        shape = tuple(info["shape"])
+        start, end = info["data_offsets"]
+        dtype = np.dtype(dtypes[info["dtype"]])
+        if end - start != dtype.itemsize * math.prod(shape):
+            raise ValueError(f"array {name!r}: {end - start} bytes for shape {shape}")
+        a = (np.memmap(path, dtype=dtype, mode="c", offset=8 + n + start, shape=shape) if end > start
+             else np.empty(shape, dtype))
+        out[name] = torch.from_numpy(a)
+    return out
 
 
 _WHOLE_SPECTRUM = {"xp_bp": "xp", "xp_rp": "xp", "lamost_blue": "lamost", "lamost_red": "lamost"}
@@ -436,7 +515,7 @@ def load_model(directory: str | os.PathLike, vocab: Vocabulary | None = None
 
 
 def _save_checkpoint(out: Path, model, vocab, opt, gen: torch.Generator, step: int, cfg: TrainConfig,
-                     extra: dict, data_id: dict | None = None, window: tuple = ([], [])) -> None:
+                     extra: dict, data_id: dict | None = None, window: tuple = ([], []), world_size: int = 1) -> None:
     """A complete checkpoint directory ``step-NNNNNN``, then the ``latest`` pointer switched to it,
     then the previous one removed (see the module doc). ``window``: the losses and gradient norms
     since the last log line, so a resumed run logs the same numbers as an uninterrupted one."""
@@ -452,7 +531,7 @@ def _save_checkpoint(out: Path, model, vocab, opt, gen: torch.Generator, step: i
     names = _write_model_files(partial, model, vocab, {**extra, "step": step})
     state = {"step": step, "optimizer": opt.state_dict(), "generator": gen.get_state(),
              "torch_rng": torch.get_rng_state(), "train_config": _config_dict(cfg), "data": data_id,
-             "window": [list(w) for w in window]}
+             "window": [list(w) for w in window], "world_size": world_size}
     atomic_write(partial / STATE_FILE, lambda p: torch.save(state, p))
     _phase("state")
     write_checksums(partial, names + [STATE_FILE])
@@ -590,6 +669,129 @@ def _config_dict(cfg: TrainConfig) -> dict:
     return d
 
 
+# --- processes (torchrun, DistributedDataParallel) ----------------------------------------------
+@dataclass
+class _Processes:
+    """Where this process stands: its rank, the number of ranks and its device. ``ddp``: a process
+    group is in use (under torchrun, even with one rank); else rank 0 of 1, and nothing is sent."""
+
+    rank: int
+    world: int
+    device: torch.device
+    ddp: bool = False
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        """``values`` summed over the ranks (a collective: every rank must call it)."""
+        if not self.ddp:
+            return values
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        if self.ddp:
+            import torch.distributed as dist
+
+            dist.barrier(device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def same(self, value: float, what: str) -> None:
+        """ConfigError on every rank unless every rank has rank 0's ``value``. A collective."""
+        if not self.ddp:
+            return
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.broadcast(t, 0)
+        if self.all_sum([float(t.item() != value)])[0]:
+            raise ConfigError(f"the ranks disagree on {what} (rank 0: {t.item():g}, rank {self.rank}: {value:g}); "
+                              "with several nodes, --out must be a directory that every rank can read")
+
+    def agree(self, error: BaseException | None) -> None:
+        """Raise on every rank if any rank failed (``error``: this rank's exception, or None), so
+        that one rank's refusal (the lock, a damaged checkpoint) does not leave the others waiting
+        in a collective. A collective."""
+        failed = self.all_sum([0.0 if error is None else 1.0])[0]
+        if error is not None:
+            raise error
+        if failed:
+            raise ConfigError(f"rank {self.rank}: {int(failed)} other rank(s) of this torchrun job failed before "
+                              "training started; their output says why")
+
+
+def _launched_by_torchrun() -> bool:
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def _processes(device_name: str) -> _Processes:
+    """This process's :class:`_Processes`: one process alone, or under torchrun (or in a process
+    group the caller made) one rank of a DDP job. The group is made here if need be (gloo on the
+    CPU, NCCL on a GPU; ``cuda`` and ``auto`` mean ``cuda:LOCAL_RANK``) and kept for any later
+    :func:`train` in the same process (made again, a group can hang its rendezvous), destroyed at
+    exit."""
+    import torch.distributed as dist
+
+    device = pick_device(device_name)
+    if not (dist.is_available() and (dist.is_initialized() or _launched_by_torchrun())):
+        return _Processes(0, 1, device)
+    if device.type == "cuda" and device.index is None:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if local >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK {local}: this machine has {torch.cuda.device_count()} CUDA devices; "
+                              "start at most that many processes per node (--nproc-per-node)")
+        device = torch.device("cuda", local)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(_destroy_process_group)
+    elif dist.get_backend() == "nccl" and device.type != "cuda":
+        raise ConfigError(f"--device {device_name}: the process group uses NCCL, which needs a CUDA device")
+    return _Processes(dist.get_rank(), dist.get_world_size(), device, ddp=True)
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _rank_rows(batch: dict, rank: int, world: int) -> dict:
+    """Rank ``rank``'s share of a global batch: a contiguous slice of its stars (sizes differing by
+    at most one, the first ranks the larger), the inputs trimmed to the slice's widest star."""
+    sizes = [len(r) for r in torch.arange(len(batch["mask"])).tensor_split(world)]
+    start = sum(sizes[:rank])
+    part = {k: x[start:start + sizes[rank]] for k, x in batch.items()}
+    width = max(int(part["mask"].sum(1).max()), 1)
+    return {k: x[:, :width] if k in _INPUT_KEYS else x for k, x in part.items()}
+
+
+def distributed_backward(ddp, batch: dict, n_targets: int, world: int, cfg: TrainConfig,
+                         beta: float | torch.Tensor) -> torch.Tensor:
+    """One rank's part of the training loss, its gradient averaged over the ranks into ``.grad``.
+
+    ``batch`` is this rank's share (:func:`_rank_rows`), ``n_targets`` the number of targets of the
+    whole global batch. The loss of one process is ``sum over all targets / n_targets``; each rank
+    backpropagates its own sum times ``world / n_targets`` and DDP averages (sums, divides by
+    ``world``), which gives that loss's gradient exactly, whatever each rank's own number of
+    targets (a mean per rank averaged over the ranks would not). On the CPU the share runs in
+    ``cfg.n_buckets`` sub-batches, each forward and backward in turn (DDP sends the sum of their
+    gradients once, after the last). Returns this rank's sum / ``n_targets`` (detached): summed
+    over the ranks, the global loss."""
+    on_cpu = batch["values"].device.type == "cpu"
+    parts = list(_buckets(ddp.module, batch, cfg.n_buckets if on_cpu else 1))
+    scale = world / max(n_targets, 1)
+    total = torch.zeros((), device=batch["values"].device)
+    for i, part in enumerate(parts):
+        with ddp.no_sync() if i < len(parts) - 1 else nullcontext():
+            part_sum = _nll_sum(ddp, part, beta, not on_cpu)
+            (part_sum * scale).backward()
+        total = total + part_sum.detach()
+    return total / max(n_targets, 1)
+
+
 # --- the loop ----------------------------------------------------------------------------------
 def _draw(data: NormalisedData, n: int, gen: torch.Generator, cfg: TrainConfig, device: torch.device) -> dict:
     """``n`` random stars (with replacement) with random input/target subsets, on ``device``."""
@@ -722,24 +924,37 @@ def train(table: TokenTable, cfg: TrainConfig, resume: bool = False, progress: b
     ``stop_at`` halts after that step, as a killed run would (used to test ``resume``); the
     learning-rate schedule still runs to ``cfg.steps``. ``resume`` continues from the latest
     checkpoint in ``cfg.out_dir`` (a fresh start if there is none); with other options or data
-    than the checkpoint's it raises ConfigError unless ``allow_config_change``.
+    than the checkpoint's it raises ConfigError unless ``allow_config_change``. Under torchrun,
+    one rank of a DDP job (module doc); every rank is given the same ``table`` and ``cfg``.
 
     Returns the output directory, which then holds ``model.safetensors`` + ``model.json`` (the
     final model, for :meth:`stellarlm.StellarLM.load`), ``metrics.jsonl`` and ``checkpoint/``.
     """
     validate_config(cfg)
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with _run_lock(out):
-        return _train_locked(table, cfg, out, resume, progress, stop_at, allow_config_change)
+    procs = _processes(cfg.device)
+    if cfg.batch_size < procs.world:
+        raise ConfigError(f"--batch-size {cfg.batch_size} is smaller than the number of ranks ({procs.world}): "
+                          "each rank needs at least one star of every batch")
+    with ExitStack() as lock:
+        error = None
+        if procs.rank == 0:  # rank 0 alone writes into <out>, and alone holds its lock
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                lock.enter_context(_run_lock(out))
+            except (ConfigError, OSError) as exc:
+                error = exc
+        procs.agree(error)
+        return _train_locked(table, cfg, out, resume, progress, stop_at, allow_config_change, procs)
 
 
 def _train_locked(table: TokenTable, cfg: TrainConfig, out: Path, resume: bool, progress: bool,
-                  stop_at: int | None, allow_config_change: bool) -> Path:
-    """:func:`train`, with ``<out>`` locked."""
+                  stop_at: int | None, allow_config_change: bool, procs: _Processes) -> Path:
+    """:func:`train`, with ``<out>`` locked (by rank 0)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg.device)
+    device = procs.device
+    lead = procs.rank == 0
     vocab = table.vocab
     train_data = NormalisedData.from_table(table.subset("train"), vocab)
     val_data = NormalisedData.from_table(table.subset("val"), vocab)
@@ -765,59 +980,96 @@ def _train_locked(table: TokenTable, cfg: TrainConfig, out: Path, resume: bool, 
              "train_config": _config_dict(cfg)}
     data_id = _data_id(train_data)
     step, running, norms = 0, [], []
-    ckpt = latest_checkpoint(out) if resume else None
-    if ckpt is not None:
-        loaded, state, _ = _load_checkpoint(ckpt, vocab)
-        if not allow_config_change:
-            _check_same_run(ckpt, state, cfg, data_id)
-        try:
-            model.load_state_dict(loaded.state_dict())
-            opt.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise ConfigError(f"{ckpt}: the checkpoint's model or optimiser does not fit the options given "
-                              f"({type(exc).__name__}: {str(exc)[:200]})") from exc
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        step = state["step"]
-        running, norms = state.get("window", ([], []))
-        _trim_metrics(out / "metrics.jsonl", step)
-    elif not resume and (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()  # a fresh run starts a fresh log
+    error = None
+    try:
+        ckpt = latest_checkpoint(out) if resume else None
+        if ckpt is not None:
+            loaded, state, _ = _load_checkpoint(ckpt, vocab)
+            if not allow_config_change:
+                _check_same_run(ckpt, state, cfg, data_id)
+            try:
+                model.load_state_dict(loaded.state_dict())
+                opt.load_state_dict(state["optimizer"])
+            except (RuntimeError, ValueError, KeyError) as exc:
+                raise ConfigError(f"{ckpt}: the checkpoint's model or optimiser does not fit the options given "
+                                  f"({type(exc).__name__}: {str(exc)[:200]})") from exc
+            # a checkpoint holds nothing that depends on the number of ranks (state["world_size"] is
+            # for the record): the generator draws the same global batches for any world size
+            gen.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            step = state["step"]
+            running, norms = state.get("window", ([], []))
+            if lead:
+                _trim_metrics(out / "metrics.jsonl", step)
+        elif lead and not resume and (out / "metrics.jsonl").exists():
+            (out / "metrics.jsonl").unlink()  # a fresh run starts a fresh log
+    except Exception as exc:  # every rank reads the checkpoint: all raise together
+        error = exc
+    procs.agree(error)
+    procs.same(step, "the step to resume from")
 
+    ddp = None
+    if procs.ddp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # the buffers are constants (patch_of, stem_of): nothing to send before each forward
+        # (torch >= 2.13 spells it forward_sync_buffers, and warns about the older name)
+        buffers = ({"forward_sync_buffers": False}
+                   if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                   else {"broadcast_buffers": False})
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, **buffers)
     steps_per_epoch = max(1, len(train_data) // cfg.batch_size)
     eval_every = cfg.eval_every or steps_per_epoch
     t0 = time.time()
-    metrics = open(out / "metrics.jsonl", "a")
-    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not progress)
+    metrics = open(out / "metrics.jsonl", "a") if lead else None
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not (progress and lead))
     model.train()
-    with worker_pool(cfg.workers, device) as pool:
+    with worker_pool(1 if ddp is not None else cfg.workers, device) as pool:
         while step < cfg.steps:
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
-            batch = _draw(train_data, cfg.batch_size, gen, cfg, device)
             opt.zero_grad(set_to_none=True)
-            loss = loss_backward(model, batch, cfg, pool, beta)
+            if ddp is None:
+                batch = _draw(train_data, cfg.batch_size, gen, cfg, device)
+                loss = loss_backward(model, batch, cfg, pool, beta)
+            else:  # the same global batch on every rank; each keeps its share
+                if cfg.model.dropout > 0:  # each rank its own dropout masks, a function of (seed, step, rank)
+                    torch.manual_seed(((cfg.seed * 1_000_003 + step) * 1_009 + procs.rank) % 2**63)
+                batch = _draw(train_data, cfg.batch_size, gen, cfg, torch.device("cpu"))
+                n_targets = int(batch["target_mask"].sum())
+                share = {k: x.to(device) for k, x in _rank_rows(batch, procs.rank, procs.world).items()}
+                loss = distributed_backward(ddp, share, n_targets, procs.world, cfg, beta)
+            # with DDP, every rank holds the averaged gradient here: the norm is the global one
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             step += 1
-            running.append(loss.item())
+            out_of_time = cfg.max_minutes is not None and (time.time() - t0) > 60 * cfg.max_minutes
+            # the global loss, and whether any rank ran out of time (all stop at the same step)
+            loss_value, late = procs.all_sum([loss.item(), float(out_of_time)])
+            out_of_time = late > 0
+            running.append(loss_value)
             norms.append(norm.item())
             bar.update(1)
-            out_of_time = cfg.max_minutes is not None and (time.time() - t0) > 60 * cfg.max_minutes
             if step % eval_every == 0 or step == cfg.steps or out_of_time:
-                val = evaluate(model, val_data, cfg, device) if len(val_data) else float("nan")
-                rec = {"step": step, "epoch": step / steps_per_epoch, "train_loss": float(np.mean(running)),
-                       "grad_norm_median": float(np.median(norms)),
-                       "val_loss": val, "lr": lr_at(step - 1, cfg), "seconds": round(time.time() - t0, 1)}
-                metrics.write(json.dumps(rec) + "\n")
-                metrics.flush()
-                bar.set_postfix(train=f"{rec['train_loss']:.3f}", val=f"{val:.3f}")
+                if lead:
+                    val = evaluate(model, val_data, cfg, device) if len(val_data) else float("nan")
+                    rec = {"step": step, "epoch": step / steps_per_epoch, "train_loss": float(np.mean(running)),
+                           "grad_norm_median": float(np.median(norms)),
+                           "val_loss": val, "lr": lr_at(step - 1, cfg), "seconds": round(time.time() - t0, 1)}
+                    metrics.write(json.dumps(rec) + "\n")
+                    metrics.flush()
+                    bar.set_postfix(train=f"{rec['train_loss']:.3f}", val=f"{val:.3f}")
                 running, norms = [], []
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or out_of_time or step == stop_at:
-                _save_checkpoint(out, model, vocab, opt, gen, step, cfg, extra, data_id, (running, norms))
+                if lead:
+                    _save_checkpoint(out, model, vocab, opt, gen, step, cfg, extra, data_id, (running, norms),
+                                     procs.world)
+                procs.barrier()
             if out_of_time or step == stop_at:
                 break
     bar.close()
-    metrics.close()
-    save_model(out, model, vocab, {**extra, "step": step})
+    if lead:
+        metrics.close()
+        save_model(out, model, vocab, {**extra, "step": step})
+    procs.barrier()
     return out
