@@ -254,7 +254,8 @@ def _bench(args) -> int:
 
     cfg = BenchConfig(model=args.model, out_dir=args.out, cache_dir=args.cache_dir, quick=args.quick,
                       methods=tuple(args.methods), input_sets=tuple(args.inputs), evaluate_on=args.split,
-                      baseline_cache=not args.no_baseline_cache, baseline_cache_dir=args.baseline_cache_dir)
+                      baseline_cache=not args.no_baseline_cache, baseline_cache_dir=args.baseline_cache_dir,
+                      cached_only=args.cached_only)
     try:
         result = run_benchmark(cfg, log=lambda msg: print(msg, file=sys.stderr))
     except (ImportError, ValueError) as exc:
@@ -354,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-baseline-cache", action="store_true",
                        help="retrain every baseline instead of reusing a cached result (and rewrite the cache)")
     bench.add_argument("--baseline-cache-dir", help="baseline result cache (default: OUT/baseline_cache)")
+    bench.add_argument("--cached-only", action="store_true",
+                       help="run only the baselines with a cached result; list the others as not run")
     bench.set_defaults(func=_bench)
 
     from .survey import add_label_command

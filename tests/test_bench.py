@@ -152,6 +152,23 @@ def test_baseline_cache_is_used_and_invalidated(quick_bench, small_embedded, tmp
     assert cached(baseline_cache_dir=str(cache)) is True  # rewritten
 
 
+def test_cached_only_runs_the_cached_baselines_and_lists_the_rest(quick_bench, small_embedded, tmp_path):
+    """cached_only: a baseline with a cached result is reported, one without is not trained but
+    listed as not run, in bench.json and bench.md."""
+    _, out = quick_bench
+    data_dir = str(Path(small_embedded.meta["path"]).parent)
+    result = run_benchmark(BenchConfig(quick=True, out_dir=str(tmp_path), cache_dir=data_dir, input_sets=("phot",),
+                                       methods=("knn", "mlp"), baseline_cache_dir=str(out / "baseline_cache"),
+                                       cached_only=True, seed=7), log=lambda msg: None)
+    entry = result["input_sets"]["phot"]
+    assert entry["skipped"] == ["knn", "mlp"] and entry["methods"] == {}
+    assert "| knn | not run | not run" in (tmp_path / "bench.md").read_text()
+    result = run_benchmark(BenchConfig(quick=True, out_dir=str(tmp_path), cache_dir=data_dir, input_sets=("phot",),
+                                       methods=("knn",), baseline_cache_dir=str(out / "baseline_cache"),
+                                       cached_only=True), log=lambda msg: None)
+    assert result["input_sets"]["phot"]["methods"]["knn"]["info"]["cached"] is True
+
+
 def test_quick_bench_stellarlm_beats_predicting_the_median(quick_bench):
     """The shipped model, on held-out stars, from XP + G: far better than no information at all."""
     result, _ = quick_bench

@@ -81,6 +81,9 @@ class BenchConfig:
     # when nothing they depend on has changed; False retrains every one (and rewrites its cache file)
     baseline_cache: bool = True
     baseline_cache_dir: str | None = None
+    # only the baselines with a cached result: the others are listed as not run (``skipped`` in
+    # bench.json), so a new model can be measured in minutes while slow baselines are still training
+    cached_only: bool = False
 
 
 # xgb_*: XGBoost's most rounds (early stopping on validation picks fewer) and its grid of depth x
@@ -138,7 +141,7 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
         y = {s: part[s].select(LABELS).values.astype(np.float64) for s in part}
         e = {s: part[s].select(LABELS).errors.astype(np.float64) for s in part}
         by = {"teff": y["test"][:, LABELS.index("teff")], "g": part["test"].column("g").astype(np.float64)}
-        preds, sigmas, info, pits = {}, {}, {}, {}
+        preds, sigmas, info, pits, skipped = {}, {}, {}, {}, []
         for method in cfg.methods:
             t0 = time.time()
             if method == "stellarlm":
@@ -152,14 +155,21 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
                         "n": {s: len(part[s]) for s in part}, "stars_per_split_caps": {s: caps[s] for s in part},
                         "seed": cfg.seed, "evaluated_on": cfg.evaluate_on, "code": _baselines_code_hash(),
                         "versions": _versions(method)}
-                pred, sigma, info[method] = _cached_baseline(cache_dir, f"{key}_{method}", spec, x, y, e,
-                                                             reuse=cfg.baseline_cache, log=log)
+                got = _cached_baseline(cache_dir, f"{key}_{method}", spec, x, y, e, reuse=cfg.baseline_cache,
+                                       log=log, train=not cfg.cached_only)
+                if got is None:
+                    log(f"[bench]   {method}: no cached result, not run (cached_only)")
+                    skipped.append(method)
+                    continue
+                pred, sigma, info[method] = got
                 preds[method] = pred
                 if sigma is not None:
                     sigmas[method] = sigma
             info[method]["seconds"] = round(time.time() - t0, 2)
-        entry = {"description": description, "inputs": inputs, "n": {s: len(part[s]) for s in part}, "methods": {}}
-        for method in cfg.methods:
+        methods = [m for m in cfg.methods if m not in skipped]
+        entry = {"description": description, "inputs": inputs, "n": {s: len(part[s]) for s in part}, "methods": {},
+                 "skipped": skipped}
+        for method in methods:
             per_label = {}
             for j, label in enumerate(LABELS):
                 p, t = preds[method][:, j], y["test"][:, j]
@@ -172,9 +182,9 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
                 per_label[label] = m
             entry["methods"][method] = {"labels": per_label, "info": info[method]}
         result["input_sets"][key] = entry
-        for j, label in enumerate(LABELS):
+        for j, label in enumerate(LABELS if methods else []):
             path = out_dir / f"pred_vs_apogee_{key}_{label}.png"
-            predicted_vs_true(path, label, y["test"][:, j], {m: preds[m][:, j] for m in cfg.methods},
+            predicted_vs_true(path, label, y["test"][:, j], {m: preds[m][:, j] for m in methods},
                               f"{description} -> {label}: {cfg.evaluate_on} split ({len(y['test'])} stars)")
             result["plots"].append(path.name)
         if sigmas:
@@ -251,7 +261,7 @@ def _baseline_settings(method: str, caps: dict, seed: int) -> dict:
 
 
 def _cached_baseline(cache_dir: Path, name: str, spec: dict, x: dict, y: dict, e: dict, reuse: bool = True,
-                     log=print) -> tuple[np.ndarray, np.ndarray | None, dict]:
+                     log=print, train: bool = True) -> tuple[np.ndarray, np.ndarray | None, dict] | None:
     """One baseline's (predictions, sigmas or None, info) on the evaluated split: from the cache in
     ``cache_dir`` when ``reuse`` and its key matches (``info["cached"]`` True), else trained and
     stored there (replacing any earlier file for the key). ``info`` has ``cpu_seconds`` and
@@ -268,6 +278,8 @@ def _cached_baseline(cache_dir: Path, name: str, spec: dict, x: dict, y: dict, e
             log(f"[bench]   {spec['method']}: cached ({name}, key {key[:12]})")
             pred, sigma, info = hit
             return pred, sigma, {**info, "cached": True}
+    if not train:
+        return None
     method, kwargs = spec["method"], dict(spec["settings"]["kwargs"])
     fn = _baseline_function(method)
     cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -374,6 +386,12 @@ def to_markdown(result: dict) -> str:
                 cells.append(f"{_fmt(o['robust_scatter'], label)} ({_fmt(o['bias'], label)}, "
                              f"{100 * o['outlier_fraction']:.1f}%)")
             lines.append(f"| {_inputs_cell(entry, result)} | {method} | " + " | ".join(cells) + " |")
+        for method in entry.get("skipped", []):
+            lines.append(f"| {_inputs_cell(entry, result)} | {method} | " + " | ".join(["not run"] * len(labels))
+                         + " |")
+    if any(e.get("skipped") for e in result["input_sets"].values()):
+        lines += ["", "*not run*: no cached result for this baseline yet (bench run with cached_only); "
+                  "`stellarlm bench` without `--cached-only` trains it."]
     lines += ["", "**Calibration**: std of z = (pred - APOGEE) / sqrt(σ_pred² + σ_APOGEE²), and the fraction "
               "of stars inside the central 68% and 95% intervals (0.68 and 0.95 when calibrated): for stellarlm "
               "the intervals of its predictive mixture (APOGEE's error folded in), for the MLP and the MLP "
@@ -389,7 +407,7 @@ def to_markdown(result: dict) -> str:
                      for c in (res["labels"][x]["calibration"] for x in labels)]
             lines.append(f"| {_inputs_cell(entry, result)} | {method} | " + " | ".join(cells) + " |")
     lines += _cost_table(result)
-    first = next(iter(result["input_sets"].values()), None)
+    first = next((e for e in result["input_sets"].values() if e["methods"]), None)
     if first:
         for bins, what in (("teff_bins", "APOGEE Teff [K]"), ("g_bins", "G [mag]")):
             methods = list(first["methods"])

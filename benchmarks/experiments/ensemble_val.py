@@ -1,0 +1,54 @@
+"""Would an ensemble of trained networks pay? The equal-weight mixture of several models'
+predictive mixtures (a mixture of mixtures is a mixture), against each model alone, on the
+VALIDATION split.
+
+    python benchmarks/experiments/ensemble_val.py models/default runs/flux16 --inputs xp_g xp_phot
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+from stellarlm.bench import INPUT_SETS, LABELS
+from stellarlm.bench.metrics import residual_metrics, z_scores
+from stellarlm.data.embedded import load_embedded
+from stellarlm.predictive import Predictive
+from stellarlm.query import StellarLM
+
+
+def mixture_of(answers: list[Predictive]) -> Predictive:
+    w = np.concatenate([a.weight / len(answers) for a in answers], axis=2)
+    return Predictive(answers[0].names, w, np.concatenate([a.mean for a in answers], axis=2),
+                      np.concatenate([a.sigma for a in answers], axis=2))
+
+
+def scores(answer: Predictive, y: np.ndarray, e: np.ndarray) -> dict:
+    mean, sigma = answer.moments()
+    return {label: {"scatter": residual_metrics(mean[:, j], y[:, j])["robust_scatter"],
+                    "z_std": float(np.nanstd(z_scores(mean[:, j], sigma[:, j], y[:, j], e[:, j])))}
+            for j, label in enumerate(LABELS)}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("models", nargs="+")
+    parser.add_argument("--inputs", nargs="+", default=["xp_g"], choices=list(INPUT_SETS))
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    val = load_embedded().subset("val")
+    y, e = val.select(LABELS).values.astype(np.float64), val.select(LABELS).errors.astype(np.float64)
+    models = [StellarLM.load(m) for m in args.models]
+    out = {}
+    for key in args.inputs:
+        answers = [m.predictive(val.observed(INPUT_SETS[key][1]), LABELS, batch_size=4096) for m in models]
+        rows = {name: scores(a, y, e) for name, a in zip(args.models, answers)}
+        rows["ensemble"] = scores(mixture_of(answers), y, e)
+        out[key] = rows
+        for name, r in rows.items():
+            print(f"{key:8s} {name:24s} " + "  ".join(f"{k} {v['scatter']:.4g} (z {v['z_std']:.2f})" for k, v in r.items()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
