@@ -7,13 +7,12 @@ VALIDATION split.
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
+from val_labels import parse_args, scores, validation_truth
 
 from stellarlm.bench import INPUT_SETS, LABELS
-from stellarlm.bench.metrics import residual_metrics, z_scores
 from stellarlm.data.embedded import load_embedded
 from stellarlm.predictive import Predictive
 from stellarlm.query import StellarLM
@@ -25,21 +24,9 @@ def mixture_of(answers: list[Predictive]) -> Predictive:
                       np.concatenate([a.sigma for a in answers], axis=2))
 
 
-def scores(answer: Predictive, y: np.ndarray, e: np.ndarray) -> dict:
-    mean, sigma = answer.moments()
-    return {label: {"scatter": residual_metrics(mean[:, j], y[:, j])["robust_scatter"],
-                    "z_std": float(np.nanstd(z_scores(mean[:, j], sigma[:, j], y[:, j], e[:, j])))}
-            for j, label in enumerate(LABELS)}
-
-
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("models", nargs="+")
-    parser.add_argument("--inputs", nargs="+", default=["xp_g"], choices=list(INPUT_SETS))
-    parser.add_argument("--json")
-    args = parser.parse_args()
-    val = load_embedded().subset("val")
-    y, e = val.select(LABELS).values.astype(np.float64), val.select(LABELS).errors.astype(np.float64)
+    args = parse_args(__doc__)
+    val, y, e = validation_truth(load_embedded())
     models = [StellarLM.load(m) for m in args.models]
     out = {}
     for key in args.inputs:
