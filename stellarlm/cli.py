@@ -8,6 +8,7 @@
     stellarlm demo [--model DIR]                               the shipped model on held-out stars
     stellarlm calibrate --model DIR                           fit the sigma scale on the validation split
     stellarlm label INPUT... --model DIR --out DIR [--want ...]  label survey files, resumable, per torchrun rank
+    stellarlm finetune --base default --data my.fits --new-token NAME:UNIT[:DESCRIPTION] --out DIR  teach new tokens
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 import typing
 from pathlib import Path
 
-from .errors import DataFileError, StellarLMError
+from .errors import StellarLMError
 from .pretrained import default_model_path
 
 # the shipped model: models/default in a source checkout, else the package data installed with the wheel
@@ -103,6 +104,29 @@ def _train(args) -> int:
     return 0
 
 
+def _finetune(args) -> int:
+    import json
+    from dataclasses import fields
+
+    from .finetune import FinetuneConfig, NewToken, finetune
+    from .training import META_FILE
+
+    tokens = [NewToken.parse(text, args.group) for text in args.new_token]  # a bad spec: before any work
+    cfg = FinetuneConfig(**{f.name: getattr(args, f.name) for f in fields(FinetuneConfig)
+                            if getattr(args, f.name, None) is not None})
+    out = finetune(args.base, args.data, tokens, cfg.out_dir, config=cfg, resume=args.resume,
+                   ignore_unknown=args.ignore_unknown, format=args.format, allow_config_change=args.allow_config_change)
+    result = json.loads((out / META_FILE).read_text())["finetune"]
+    stages = ", ".join(f"{s['stage']} {s['steps']} steps" + (" (stopped early)" if s["early_stop"] else "")
+                       for s in result["stages"])
+    print(f"fine-tuned model written to {out}: {stages}; best validation loss {result['best_val_loss']:.3f} "
+          f"(step {result['best_step']}, {result['best_stage']} stage)")
+    for name, m in result.get("test", {}).items():
+        print(f"  {name}, test part ({m['n']} rows, given all known tokens): robust scatter {m['robust_scatter']:.4g} "
+              f"(training median: {m['training_median_scatter']:.4g}), bias {m['bias']:.3g}, z std {m['z_std']:.2f}")
+    return 0
+
+
 def _output_format(args) -> str:
     """The astropy format ``--output`` will be written in, checked before any work: the output is
     not the input, does not exist (unless --overwrite), its directory exists and is writable, and
@@ -150,43 +174,11 @@ def _write_table(table, path: Path, fmt: str) -> None:
 
 
 def _read_query_input(args):
-    """The input table: token columns as they are, or a Gaia archive XP file (XP_CONTINUOUS with
-    ``bp_coefficients``, or XP_SAMPLED with ``wavelength``/``flux``) turned into XP tokens + G by the
-    same readers as the Python API; then ``source_id`` and ``g_source`` are kept in the output.
-    Returns (table, columns to keep)."""
-    from astropy.table import Table
+    """The input table (:func:`stellarlm.query.read_star_table`): token columns as they are, or a
+    Gaia archive XP file turned into XP tokens + G. Returns (table, columns to keep)."""
+    from .query import read_star_table
 
-    from .data.gaia_xp import _column_lookup, sampled_table_to_tokens, xp_table_to_tokens
-    from .integrity import check_gzip
-
-    if not Path(args.input).exists():
-        raise DataFileError(args.input, "no such file")
-    check_gzip(args.input)  # a damaged .gz can otherwise decode to plausible numbers
-    try:
-        observed = Table.read(args.input, format=args.format) if args.format else Table.read(args.input)
-    except Exception as exc:
-        raise DataFileError(args.input, f"cannot read input table ({exc})") from exc
-    missing = [c for c in args.keep if c not in observed.colnames]
-    if missing:
-        raise DataFileError(args.input, f"--keep {' '.join(missing)}: no such column (columns: "
-                                        f"{', '.join(observed.colnames[:12])})")
-    cols = _column_lookup(observed)
-    g = "synthetic" if args.synthetic_g else (None if args.g_mag is None else [args.g_mag] * len(observed))
-    if "bp_coefficients" in cols:
-        tokens = xp_table_to_tokens(observed, args.input, g_mag=g, truncate=args.truncate)
-    elif "wavelength" in cols and "flux" in cols:
-        tokens = sampled_table_to_tokens(observed, args.input, g_mag=None if g is None else [args.g_mag])
-    else:
-        return observed, []
-    table = tokens.to_table()
-    table.remove_columns(["star_id", "split"])
-    table["g_source"] = tokens.meta["g_source_per_star"]
-    for c in args.keep:  # other columns of the archive file the user asked for, row for row
-        if c not in table.colnames:
-            if len(observed) != len(table):  # XP_SAMPLED: one star, a row per wavelength
-                raise DataFileError(args.input, f"--keep {c}: an XP_SAMPLED file has one row per wavelength")
-            table[c] = observed[c]
-    return table, ["source_id", "g_source"]
+    return read_star_table(args.input, args.format, args.keep, args.g_mag, args.synthetic_g, args.truncate)
 
 
 def _query(args) -> int:
@@ -307,6 +299,30 @@ def build_parser() -> argparse.ArgumentParser:
             tr.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None,
                             help=f"(default {default})")
     tr.set_defaults(func=_train)
+
+    from .finetune import FinetuneConfig
+
+    ft = sub.add_parser("finetune", help="teach a trained model new tokens from a table of your stars")
+    ft.add_argument("--base", default="default", help="model to start from: a model directory or 'default'")
+    ft.add_argument("--data", required=True, help="table (FITS, ECSV, CSV, Parquet): known token columns, a column "
+                    "per new token (NAME, optional NAME_err), optional split (train/val/test or 0/1/2) and source_id")
+    ft.add_argument("--new-token", dest="new_token", action="append", required=True, metavar="NAME:UNIT[:DESCRIPTION]",
+                    help="a token to add (repeat for several); NAME: for a number without unit")
+    ft.add_argument("--group", default="user", help="group of the new tokens (user, label, photometry, extinction, "
+                    "astrometry)")
+    ft.add_argument("--out", dest="out_dir", required=True, help="output directory (an ordinary model directory)")
+    ft.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
+    ft.add_argument("--allow-config-change", action="store_true",
+                    help="with --resume: continue even though options or data differ from the checkpoint's")
+    ft.add_argument("--format", help="astropy table format, if the extension does not say (e.g. ascii.csv)")
+    ft.add_argument("--ignore-unknown", action="store_true", help="skip columns that are neither tokens nor new tokens")
+    hints = typing.get_type_hints(FinetuneConfig)
+    for name, default in vars(FinetuneConfig()).items():
+        if name == "out_dir":
+            continue
+        typ = next(t for t in typing.get_args(hints[name]) or (hints[name],) if t is not type(None))
+        ft.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None, help=f"(default {default})")
+    ft.set_defaults(func=_finetune)
 
     q = sub.add_parser("query", help="ask a trained model for tokens given others (FITS, ECSV, CSV)")
     q.add_argument("--model", required=True,

@@ -269,6 +269,68 @@ class StellarTransformer(nn.Module):
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    # the per-token tables: the state-dict entries whose rows are token ids
+    TOKEN_TABLES = ("embed.weight.weight", "embed.error_weight.weight", "embed.bias.weight", "embed.offset.weight",
+                    "query.weight", "stem.value", "stem.error", "stem.presence")
+
+    def with_new_tokens(self, n_new: int, like: list[int] | None = None, seed: int = 0,
+                        copy_from: list[int | None] | None = None) -> StellarTransformer:
+        """A copy of this model with ``n_new`` token ids appended (``Vocabulary.add_token``): each
+        per-token table (:data:`TOKEN_TABLES`: the value, error, offset and name embeddings, the
+        query vectors and the spectrum stem's tables) gets ``n_new`` new rows, every other weight is
+        copied. A new token is a patch of its own and in no spectrum stem, so a star without it is
+        encoded exactly as before and every old answer stays bit-identical.
+
+        The new embedding and query rows are drawn, column by column, from a Gaussian with the mean
+        and standard deviation of the rows of the token ids ``like`` (default: all), e.g. the
+        trained labels: the frozen network then first sees the new token as one more token of a
+        familiar kind rather than at the scale of a fresh initialisation. ``copy_from`` (one entry
+        per new token) may name an existing token id whose rows a new token starts as a copy of
+        (None: drawn as above): a new label that resembles an old one starts from its answers. The
+        stem rows are zero (a new token is never summed by a stem).
+
+        >>> from stellarlm.training import load_model
+        >>> from stellarlm.pretrained import default_model_path
+        >>> old, vocab, _ = load_model(default_model_path())
+        >>> new = old.with_new_tokens(2, like=vocab.ids(["teff", "logg", "m_h", "alpha_m"]).tolist())
+        >>> new.cfg.n_vocab - old.cfg.n_vocab, new.query.weight.shape[0] == len(vocab) + 2
+        (2, True)
+        >>> bool((new.query.weight[:len(vocab)] == old.query.weight).all())
+        True
+        """
+        if n_new < 1:
+            raise ValueError(f"n_new must be >= 1, got {n_new}")
+        if copy_from is not None and len(copy_from) != n_new:
+            raise ValueError(f"copy_from has {len(copy_from)} entries for {n_new} new tokens")
+        from dataclasses import replace
+
+        n_old = self.cfg.n_vocab
+        patch_of = (list(range(n_old)) if self.cfg.patch_of is None else list(self.cfg.patch_of))
+        patch_of += list(range(max(patch_of) + 1, max(patch_of) + 1 + n_new))
+        stem_of = None if self.cfg.stem_of is None else list(self.cfg.stem_of) + [-1] * n_new
+        cfg = replace(self.cfg, n_vocab=n_old + n_new, patch_of=patch_of, stem_of=stem_of)
+        grown = StellarTransformer(cfg)
+        gen = torch.Generator().manual_seed(seed)
+        rows = torch.arange(n_old) if like is None else torch.as_tensor(list(like), dtype=torch.long)
+        state = {}
+        for name, old in self.state_dict().items():
+            if name in self.TOKEN_TABLES:
+                if name.startswith("stem."):
+                    extra = old.new_zeros(n_new, old.shape[1])
+                else:
+                    ref = old[rows].float()
+                    mean = ref.mean(0)
+                    std = ref.std(0) if len(rows) > 1 else torch.ones(old.shape[1])
+                    extra = (mean + std * torch.randn(n_new, old.shape[1], generator=gen)).to(old.dtype)
+                    for j, src in enumerate(copy_from or []):
+                        if src is not None:
+                            extra[j] = old[src]
+                state[name] = torch.cat([old, extra.to(old.device)])
+            else:
+                state[name] = old
+        grown.load_state_dict(state)
+        return grown.train(self.training).to(next(self.parameters()).device)
+
 
 def mixture_moments(mean: torch.Tensor, logvar: torch.Tensor, logweight: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -515,10 +515,13 @@ def load_model(directory: str | os.PathLike, vocab: Vocabulary | None = None
 
 
 def _save_checkpoint(out: Path, model, vocab, opt, gen: torch.Generator, step: int, cfg: TrainConfig,
-                     extra: dict, data_id: dict | None = None, window: tuple = ([], []), world_size: int = 1) -> None:
+                     extra: dict, data_id: dict | None = None, window: tuple = ([], []), world_size: int = 1,
+                     extra_state: dict | None = None) -> None:
     """A complete checkpoint directory ``step-NNNNNN``, then the ``latest`` pointer switched to it,
     then the previous one removed (see the module doc). ``window``: the losses and gradient norms
-    since the last log line, so a resumed run logs the same numbers as an uninterrupted one."""
+    since the last log line, so a resumed run logs the same numbers as an uninterrupted one;
+    ``extra_state``: more of a run's state, stored with the optimiser's (fine-tuning: its stage,
+    early-stopping counters and best weights so far)."""
     root = out / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
@@ -531,7 +534,7 @@ def _save_checkpoint(out: Path, model, vocab, opt, gen: torch.Generator, step: i
     names = _write_model_files(partial, model, vocab, {**extra, "step": step})
     state = {"step": step, "optimizer": opt.state_dict(), "generator": gen.get_state(),
              "torch_rng": torch.get_rng_state(), "train_config": _config_dict(cfg), "data": data_id,
-             "window": [list(w) for w in window], "world_size": world_size}
+             "window": [list(w) for w in window], "world_size": world_size, **(extra_state or {})}
     atomic_write(partial / STATE_FILE, lambda p: torch.save(state, p))
     _phase("state")
     write_checksums(partial, names + [STATE_FILE])
@@ -594,10 +597,12 @@ _RUNTIME_OPTIONS = ("out_dir", "device", "threads", "workers", "n_buckets", "max
                     "checkpoint_every")
 
 
-def _check_same_run(ckpt: Path, state: dict, cfg: TrainConfig, data_id: dict) -> None:
-    """Refuse to resume a checkpoint with other options or other training data (ConfigError)."""
+def _check_same_run(ckpt: Path, state: dict, cfg: TrainConfig, data_id: dict,
+                    runtime: tuple[str, ...] = _RUNTIME_OPTIONS) -> None:
+    """Refuse to resume a checkpoint with other options (other than ``runtime``) or other training
+    data (ConfigError)."""
     before, now = state.get("train_config") or {}, _config_dict(cfg)
-    changed = [k for k in now if k not in _RUNTIME_OPTIONS and k in before and before[k] != now[k]]
+    changed = [k for k in now if k not in runtime and k in before and before[k] != now[k]]
     if "model" in changed:
         changed.remove("model")
         changed += [f"model.{k}" for k in now["model"] if before["model"].get(k) != now["model"][k]]
@@ -663,9 +668,12 @@ def _run_lock(out: Path) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def _config_dict(cfg: TrainConfig) -> dict:
+def _config_dict(cfg) -> dict:
+    """A run's options as a dict (a TrainConfig, or another dataclass of options such as
+    :class:`stellarlm.finetune.FinetuneConfig`)."""
     d = asdict(cfg)
-    d["model"] = cfg.model.to_dict()
+    if hasattr(cfg, "model"):
+        d["model"] = cfg.model.to_dict()
     return d
 
 

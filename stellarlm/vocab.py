@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from importlib import resources
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UnknownTokenError, VocabularyMismatchError
+from .errors import BadValueError, ConfigError, UnknownTokenError, VocabularyMismatchError
 
 N_XP = 55  # Gaia DR3 XP coefficients per band (BP and RP), as the archive gives them
 # The XP tokens are the sampled spectrum (gaiaxpy's 336-1020 nm grid, 2 nm steps) averaged over
@@ -53,7 +54,12 @@ def xp_flux_scale(g) -> np.ndarray:
     the spectral shape in the XP tokens and the brightness in the ``g`` token."""
     return 10 ** (0.4 * (np.asarray(g, dtype=np.float64) - XP_REFERENCE_G)) / XP_FLUX_UNIT
 
-GROUPS = ("xp_bp", "xp_rp", "label", "photometry", "extinction", "astrometry", "lamost")
+GROUPS = ("xp_bp", "xp_rp", "label", "photometry", "extinction", "astrometry", "lamost", "user")
+# groups a token added after training (Vocabulary.add_token, fine-tuning) may belong to: a scalar
+# token on its own. A new bin of a spectrum would join its neighbours' patches and spectrum stem,
+# and change what the model computes from the old bins.
+NEW_TOKEN_GROUPS = ("label", "photometry", "extinction", "astrometry", "user")
+_TOKEN_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 # Physical valid range of each token's value, in its unit (by name, else by group): a value outside
 # is a unit mistake, a sentinel (-9999) or a typo, never a star, and the network would answer it
@@ -283,6 +289,33 @@ class Vocabulary:
             new.append(replace(t, id=len(new)))
         return Vocabulary(new)
 
+    def add_token(self, name: str, unit: str, training_values, group: str = "user", description: str = "",
+                  assumed_error: float | None = None) -> Vocabulary:
+        """A copy with one new token appended (the next free id), normalised by the robust centre
+        (median) and scale (1.4826 * MAD) of ``training_values``, its values in the training rows,
+        as :func:`robust_stats` gives the built-in tokens theirs (NaN ignored).
+
+        Every existing token keeps its id and statistics. Raises :class:`ConfigError` for a name
+        that exists already or cannot be a column name (letters, digits and ``_``, not ending in
+        ``_err``), a unit astropy cannot read or a group a new token may not have
+        (:data:`NEW_TOKEN_GROUPS`), and :class:`BadValueError` for values with nothing finite.
+
+        >>> v = Vocabulary.default()
+        >>> bigger = v.add_token("mass", "solMass", [0.9, 1.1, 1.0, 1.4], description="stellar mass")
+        >>> t = bigger["mass"]
+        >>> t.id == len(v), t.group, round(t.centre, 3), round(t.scale, 3)
+        (True, 'user', 1.05, 0.148)
+        >>> bigger["teff"] == v["teff"]
+        True
+        """
+        check_new_token(self, name, unit, group)
+        x = np.asarray(training_values, dtype=np.float64).ravel()
+        if not np.isfinite(x).any():
+            raise BadValueError(f"new token {name!r}: no finite value in its training rows to normalise it by")
+        centre, scale = robust_stats(x[np.isfinite(x)][:, None])
+        return self.extend([Token(id=len(self), name=name, group=group, unit=unit, description=description,
+                                  centre=float(centre[0]), scale=float(scale[0]), assumed_error=assumed_error)])
+
     # --- files ----------------------------------------------------------------------------------
     def to_json(self) -> str:
         rows = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(t).items()}
@@ -328,6 +361,38 @@ def default_vocab_path() -> Path:
     if repo_file.exists():
         return repo_file
     return Path(str(resources.files("stellarlm.vocab_files").joinpath("tokens.json")))
+
+
+def check_new_token(vocab: Vocabulary, name: str, unit: str, group: str = "user") -> None:
+    """Raise :class:`ConfigError` unless ``name`` can be added to ``vocab`` as a new token: a name
+    not taken, usable as a table column (a letter, then letters, digits or ``_``; not ending in
+    ``_err``, which marks an error column), a unit astropy reads (``""``: dimensionless) and a
+    group in :data:`NEW_TOKEN_GROUPS`.
+
+    >>> check_new_token(Vocabulary.default(), "mass", "solMass")   # fine: nothing happens
+    >>> try:
+    ...     check_new_token(Vocabulary.default(), "teff", "K")
+    ... except ConfigError as exc:
+    ...     print(str(exc)[:65])
+    new token 'teff': the vocabulary already has a token of that name
+    """
+    if not isinstance(name, str) or not _TOKEN_NAME.match(name) or name.endswith("_err"):
+        raise ConfigError(f"new token {name!r}: a name is a letter, then letters, digits or '_', and does not "
+                          "end in '_err' (that suffix marks an error column)")
+    if name in vocab:
+        t = vocab[name]
+        raise ConfigError(f"new token {name!r}: the vocabulary already has a token of that name (id {t.id}, "
+                          f"{t.unit or 'dimensionless'}: {t.description.split(';')[0]}); choose another name")
+    if group not in NEW_TOKEN_GROUPS:
+        raise ConfigError(f"new token {name!r}: group {group!r} cannot be given to a new token; choose one of "
+                          f"{NEW_TOKEN_GROUPS} (a spectrum's bins are fixed when a model is trained)")
+    import astropy.units as u
+
+    try:
+        u.Unit(unit) if unit else u.dimensionless_unscaled
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"new token {name!r}: astropy cannot read the unit {unit!r} ({exc}); use e.g. 'K', "
+                          "'dex', 'mag', 'km / s', 'solMass' or '' for a number without unit") from None
 
 
 def robust_scatter(x: np.ndarray) -> float:
