@@ -9,6 +9,10 @@
     stellarlm calibrate --model DIR                           fit the sigma scale on the validation split
     stellarlm label INPUT... --model DIR --out DIR [--want ...]  label survey files, resumable, per torchrun rank
     stellarlm finetune --base default --data my.fits --new-token NAME:UNIT[:DESCRIPTION] --out DIR  teach new tokens
+    stellarlm index build --model DIR --out INDEX [--split train] [--view xp]   embeddings to search
+    stellarlm similar --model DIR --index INDEX --like FILE|SOURCE_ID -k 10   the most similar stars
+    stellarlm anomaly calibrate --model DIR                   anomaly-score scales from the validation split
+    stellarlm anomaly score --model DIR --input stars.fits --output scores.fits   how surprising each star is
 """
 
 from __future__ import annotations
@@ -257,6 +261,162 @@ def _bench(args) -> int:
     return 0
 
 
+def _index_build(args) -> int:
+    import time
+
+    from .data.embedded import load_embedded
+    from .query import StellarLM
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise StellarLMError(f"--out {out} exists and is not empty; pass --overwrite to replace the index there")
+    model = StellarLM.load(args.model)
+    t0 = time.perf_counter()
+    if args.data:
+        observed, _ = _read_query_input(argparse.Namespace(input=args.data, format=args.format, keep=[],
+                                                           synthetic_g=False, g_mag=None, truncate=False))
+        index = model.build_index(observed, kind=args.kind, view=None if args.view == "auto" else args.view,
+                                  progress=True, meta={"data": str(args.data)})
+    else:
+        table = load_embedded(args.cache_dir)
+        if args.split != "all":
+            table = table.subset(args.split)
+        index = model.build_index(table, kind=args.kind, view="xp" if args.view == "auto" else args.view,
+                                  progress=True, meta={"data": f"embedded:{args.split}"})
+    index.save(out)
+    print(f"{index} written to {out} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _index_info(args) -> int:
+    from .similarity import EmbeddingIndex
+
+    index = EmbeddingIndex.load(args.index)
+    print(index)
+    for k, v in index.meta.items():
+        print(f"  {k}: {v}")
+    return 0
+
+
+def _similar(args) -> int:
+    import numpy as np
+
+    from .alignment import view_names
+    from .query import StellarLM, _token_of
+    from .similarity import EmbeddingIndex
+
+    fmt = _table_format(args.output, args.format_out) if args.output else None
+    if args.output and Path(args.output).exists() and not args.overwrite:
+        raise StellarLMError(f"--output {args.output} exists; pass --overwrite to replace it")
+    model = StellarLM.load(args.model)
+    index = EmbeddingIndex.load(args.index, model.model_sha256)
+    like = str(args.like)
+    if Path(like).exists():
+        observed, _ = _read_query_input(argparse.Namespace(input=like, format=args.format, keep=[],
+                                                           synthetic_g=args.synthetic_g, g_mag=None, truncate=False))
+        tokens = [c for c in observed.colnames if _token_of(c) in model.vocab]
+        if args.view:
+            keep = set(view_names(args.view, [_token_of(c) for c in tokens]))
+            tokens = [c for c in tokens if _token_of(c) in keep]
+        if not tokens:
+            raise StellarLMError(f"--like {like}: no column is a token name" + (f" of view {args.view}" if args.view else ""))
+        out = model.similar(observed[tokens + [c for c in ("source_id",) if c in observed.colnames]], k=args.k,
+                            index=index)
+    elif like.isdigit():
+        sid = int(like)
+        hit = np.flatnonzero(index.source_id == sid)
+        if len(hit) and not args.view:  # a library star: its own vector, itself left out
+            rows, sims = index.search(index.vectors[hit[:1]], args.k, exclude=np.array([sid]))
+            out = neighbour_table(model, index, rows, sims)
+        else:  # a star of the embedded data set, embedded through --view or the index's view
+            from .data.embedded import load_embedded
+
+            table = load_embedded(args.cache_dir)
+            row = np.flatnonzero(table.source_id == sid)
+            if not len(row):
+                raise StellarLMError(f"--like {sid}: no star with this source_id in the index or the embedded data; "
+                                     "give a file of its tokens instead")
+            star = table.subset(row[:1])
+            names = view_names(args.view or index.meta.get("view") or "xp", star.names)
+            out = model.similar({**star.observed(names), "source_id": star.source_id}, k=args.k, index=index)
+    else:
+        raise StellarLMError(f"--like {like!r}: neither an existing file nor a Gaia source_id")
+    if args.output:
+        _write_table(out, Path(args.output), fmt)
+        print(f"wrote {len(out)} neighbours to {args.output}")
+    else:
+        out.pprint(max_lines=-1, max_width=-1)
+    return 0
+
+
+def _table_format(path, given: str | None) -> str:
+    """The astropy format to write ``path`` in: ``given``, else from the extension."""
+    from astropy.io import registry
+    from astropy.table import Table
+
+    if given:
+        return given
+    formats = registry.identify_format("write", Table, str(path), None, [], {})
+    if len(formats) != 1:
+        raise StellarLMError(f"--output {path}: cannot tell the table format from the extension; use .fits, .ecsv "
+                             "or .csv, or pass --format-out")
+    return formats[0]
+
+
+def neighbour_table(model, index, rows, sims):
+    """A :meth:`StellarLM.similar` table for neighbours ``rows`` (n, k) found in ``index`` directly."""
+    import numpy as np
+    from astropy.table import Table
+
+    found = rows >= 0
+    query, rank = np.nonzero(found)
+    out = Table({"query": query, "rank": rank + 1, "source_id": index.source_id[rows[found]],
+                 "similarity": sims[found].astype(np.float64)})
+    for name, col in index.columns.items():
+        out[name] = col[rows[found]]
+    return out
+
+
+def _anomaly_calibrate(args) -> int:
+    import json
+
+    from .anomaly import calibrate_anomaly
+    from .data.embedded import load_embedded
+    from .integrity import atomic_write, write_checksums
+    from .query import StellarLM
+    from .training import META_FILE, WEIGHTS_FILE
+
+    if args.max_stars < 20:
+        raise StellarLMError(f"--max-stars must be at least 20, got {args.max_stars}")
+    model = StellarLM.load(args.model)
+    val = load_embedded(args.cache_dir).subset("val")
+    val = val.select([n for n in val.names if n in model.trained_tokens])
+    cal = calibrate_anomaly(model, val, max_stars=args.max_stars, progress=True)
+    meta_path = Path(model.path) / META_FILE
+    meta = json.loads(meta_path.read_text())
+    meta["anomaly_calibration"] = cal
+    atomic_write(meta_path, lambda p: p.write_text(json.dumps(meta, indent=1)))
+    write_checksums(model.path, [WEIGHTS_FILE, META_FILE])  # model.json changed on purpose, as calibrate does
+    print(f"anomaly calibration from {cal['n_stars']} validation stars written to {meta_path}")
+    return 0
+
+
+def _anomaly_score(args) -> int:
+    from .query import StellarLM, _token_of
+
+    fmt = _output_format(args)
+    args.keep, args.synthetic_g, args.g_mag, args.truncate = [], False, None, False
+    observed, _ = _read_query_input(args)
+    model = StellarLM.load(args.model)
+    tokens = [c for c in observed.colnames if _token_of(c) in model.vocab]
+    if not tokens:
+        raise StellarLMError(f"{args.input}: no column is a token name; nothing to score")
+    out = model.anomaly(observed[tokens + [c for c in ("source_id",) if c in observed.colnames]], progress=True)
+    _write_table(out, Path(args.output), fmt)
+    print(f"wrote anomaly scores of {len(out)} stars to {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stellarlm", description="A foundation model for stars.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -374,6 +534,57 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--cached-only", action="store_true",
                        help="run only the baselines with a cached result; list the others as not run")
     bench.set_defaults(func=_bench)
+
+    index = sub.add_parser("index", help="similarity-search indices of star embeddings").add_subparsers(
+        dest="action", required=True)
+    ib = index.add_parser("build", help="embed a library of stars and write a searchable index tied to the model")
+    ib.add_argument("--model", required=True, help="model directory, or 'default'")
+    ib.add_argument("--out", required=True, help="index directory to write")
+    ib.add_argument("--data", help="a table of stars (token columns + source_id, or a Gaia XP file); default: the "
+                    "embedded data set")
+    ib.add_argument("--format", help="astropy table format of --data, if the extension does not say")
+    ib.add_argument("--cache-dir", help="data cache directory (embedded data)")
+    ib.add_argument("--split", default="train", choices=["train", "val", "test", "all"],
+                    help="split of the embedded data to index (default train)")
+    ib.add_argument("--view", default="auto", help="tokens embedded: xp, lamost, labels, photometry or all (default: "
+                    "xp for the embedded data, every token column of --data)")
+    ib.add_argument("--kind", default="auto", choices=["auto", "exact", "ivf", "hnsw"],
+                    help="exact search, or faiss IVF / HNSW (auto: exact below 100,000 stars)")
+    ib.add_argument("--overwrite", action="store_true", help="replace an index already in --out")
+    ib.set_defaults(func=_index_build)
+    ii = index.add_parser("info", help="what an index holds and which model built it")
+    ii.add_argument("index", help="index directory")
+    ii.set_defaults(func=_index_info)
+
+    sim = sub.add_parser("similar", help="the stars of an index most like a given star (cosine of embeddings)")
+    sim.add_argument("--model", required=True, help="model directory (the one that built the index)")
+    sim.add_argument("--index", required=True, help="index directory (stellarlm index build)")
+    sim.add_argument("--like", required=True, help="a table of stars (token columns, or a Gaia XP file), or a Gaia "
+                     "source_id (of a star in the index, or in the embedded data)")
+    sim.add_argument("-k", type=int, default=10, help="neighbours per star (default 10)")
+    sim.add_argument("--view", help="use only these tokens of the star: xp, lamost, labels, photometry, all")
+    sim.add_argument("--output", help="write the neighbours to this table (else print them)")
+    sim.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    sim.add_argument("--format", help="astropy format of --like, if the extension does not say")
+    sim.add_argument("--format-out", help="astropy format of --output, if the extension does not say")
+    sim.add_argument("--cache-dir", help="data cache directory (embedded data, for a source_id not in the index)")
+    sim.add_argument("--synthetic-g", action="store_true", help="Gaia XP_CONTINUOUS input without G: G from the spectrum")
+    sim.set_defaults(func=_similar)
+
+    an = sub.add_parser("anomaly", help="anomaly scores: how surprised the model is by each star").add_subparsers(
+        dest="action", required=True)
+    ac = an.add_parser("calibrate", help="fit the score scales on the validation split; stored in model.json")
+    ac.add_argument("--model", required=True, help="model directory; its model.json gets the calibration")
+    ac.add_argument("--cache-dir", help="data cache directory")
+    ac.add_argument("--max-stars", type=int, default=2000, help="validation stars used (default 2000)")
+    ac.set_defaults(func=_anomaly_calibrate)
+    asc = an.add_parser("score", help="score a table of stars (token columns, or a Gaia XP file)")
+    asc.add_argument("--model", required=True, help="model directory, or 'default'")
+    asc.add_argument("--input", required=True, help="table of stars")
+    asc.add_argument("--output", required=True, help="output table (format from the extension)")
+    asc.add_argument("--format", help="astropy table format, if the extension does not say")
+    asc.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    asc.set_defaults(func=_anomaly_score)
 
     from .survey import add_label_command
 

@@ -58,6 +58,11 @@ class ModelConfig:
     stem_of: list[int] | None = None
     stem_tokens: int = 0
     stem_hidden: int = 256
+    # a projection head for the star embedding (StellarTransformer.embed_vectors): the mean of the
+    # encoded tokens through LayerNorm, Linear, GELU, Linear to ``align_dim`` numbers; 0: no head,
+    # the embedding is the mean itself (d_model numbers). The contrastive alignment term of
+    # training (stellarlm.alignment, TrainConfig.align_weight) is what trains the head
+    align_dim: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -217,6 +222,10 @@ class StellarTransformer(nn.Module):
             raise ValueError(f"patch_of has {len(patch_of)} entries for {cfg.n_vocab} tokens")
         self.register_buffer("patch_of", patch_of, persistent=False)
         self.n_patches = int(patch_of.max()) + 1
+        # made last, so that a model with a head starts with the same weights elsewhere as one without
+        self.align_head = None if cfg.align_dim < 1 else nn.Sequential(
+            nn.LayerNorm(cfg.d_model), nn.Linear(cfg.d_model, cfg.d_model), nn.GELU(),
+            nn.Linear(cfg.d_model, cfg.align_dim))
 
     def patches(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The patch of each (B, N) token, padding sent to a spare slot ``n_patches``, and (B,
@@ -261,6 +270,18 @@ class StellarTransformer(nn.Module):
         out = rearrange(self.head(q), "b q (three k) -> three b q k", three=2 if self.cfg.n_components == 1 else 3)
         logweight = torch.zeros_like(out[0]) if len(out) == 2 else torch.log_softmax(out[2].float(), -1)
         return out[0], out[1].clamp(self.cfg.logvar_min, self.cfg.logvar_max), logweight
+
+    def embed_vectors(self, ids: torch.Tensor, values: torch.Tensor, errors: torch.Tensor,
+                      mask: torch.Tensor) -> torch.Tensor:
+        """(B, N) observed tokens -> (B, D) unit vectors, one per star: the mean of the encoded
+        tokens (:meth:`encode`), through the projection head if the model has one (``align_dim``),
+        scaled to length one, so that the dot product of two is their cosine similarity."""
+        memory, memory_mask = self.encode(ids, values, errors, mask)
+        w = memory_mask.to(memory.dtype).unsqueeze(-1)
+        pooled = (memory * w).sum(1) / w.sum(1).clamp_min(1)
+        if self.align_head is not None:
+            pooled = self.align_head(pooled)
+        return F.normalize(pooled.float(), dim=-1)
 
     def forward(self, ids, values, errors, mask, query_ids):
         """The predictive mixture (:meth:`decode_mixture`) of each requested id."""

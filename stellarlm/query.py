@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from .data.gaia_xp import relevant_bases_counts
 from .errors import BadValueError, UnknownTokenError
+from .integrity import sha256_file
 from .predictive import Predictive, stack
 from .pretrained import resolve_model_path
 from .data.xp_basis import coefficients_to_tokens
@@ -85,6 +86,9 @@ class StellarLM:
         # factors on the predicted sigmas fitted on the validation split (stellarlm.calibration); 1 if none
         scale = meta.get("sigma_scale", {})
         self._sigma_scale = np.array([scale.get(t.name, 1.0) for t in vocab.tokens], dtype=np.float64)
+        self.path = None  # the model directory, for a model read by load()
+        self._sha256 = None
+        self._anomaly_calibration = None  # made on first use of anomaly() when model.json has none
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "auto", vocab: Vocabulary | None = None) -> StellarLM:
@@ -113,8 +117,33 @@ class StellarLM:
         >>> "teff" in model.names
         True
         """
-        model, ckpt_vocab, meta = load_model(resolve_model_path(path), vocab)
-        return cls(model, ckpt_vocab, meta, device)
+        directory = resolve_model_path(path)
+        model, ckpt_vocab, meta = load_model(directory, vocab)
+        out = cls(model, ckpt_vocab, meta, device)
+        out.path = directory
+        out._sha256 = sha256_file(directory / "model.safetensors")  # read now: what was loaded
+        return out
+
+    @property
+    def model_sha256(self) -> str:
+        """SHA-256 of the model's weights file ``model.safetensors`` (as in its ``checksums.json``):
+        what ties a similarity index to the model that made it. A model not read from a directory:
+        the SHA-256 of its weights serialised as :func:`stellarlm.training.save_model` writes them.
+
+        >>> len(StellarLM.pretrained().model_sha256)
+        64
+        """
+        if self._sha256 is None:
+            import hashlib
+
+            from safetensors.torch import save
+
+            from .training import vocabulary_fingerprint
+
+            state = {k: v.detach().float().cpu().contiguous() for k, v in self.model.state_dict().items()}
+            blob = save(state, metadata={"vocabulary_sha256": vocabulary_fingerprint(self.vocab)})
+            self._sha256 = hashlib.sha256(blob).hexdigest()
+        return self._sha256
 
     @classmethod
     def pretrained(cls, name_or_path: str | os.PathLike = "default", device: str = "auto",
@@ -320,29 +349,218 @@ class StellarLM:
         numpy = [x.double().cpu().numpy() for x in (logweight.exp(), mean, torch.exp(0.5 * logvar.double()))]
         return numpy[0] / numpy[0].sum(-1, keepdims=True), numpy[1], numpy[2]
 
-    def embed(self, observed, batch_size: int = 4096) -> np.ndarray:
-        """A fixed-length vector per star (the mean of its encoded tokens, ``d_model`` long) for
-        similarity search; a star with nothing observed gets NaN.
+    @property
+    def embedding_dim(self) -> int:
+        """Length of :meth:`embed`'s vectors: ``align_dim`` with a projection head, else ``d_model``."""
+        cfg = self.model.cfg
+        return cfg.align_dim if cfg.align_dim > 0 else cfg.d_model
+
+    def embed(self, observed, batch_size: int = 4096, progress: bool | None = None) -> np.ndarray:
+        """A fixed-length unit vector per star, for similarity search and cross-instrument matching.
+
+        The mean of the star's encoded tokens (the encoder's output), through the model's projection
+        head if it has one (``align_dim``; trained by the alignment term, see
+        :mod:`stellarlm.alignment`), scaled to length one: the dot product of two is their cosine
+        similarity. Any subset of tokens may be given: a star seen through its XP spectrum, its
+        LAMOST-like spectrum, its labels or its photometry (a model trained with
+        ``--align-weight`` puts these near each other). A star with nothing observed gets NaN.
+
+        Returns
+        -------
+        numpy.ndarray
+            (n_stars, :attr:`embedding_dim`) float32.
 
         >>> v = StellarLM.pretrained().embed({"g": [12.3], "bp": [12.9], "rp": [11.6]})
-        >>> v.shape
-        (1, 96)
+        >>> v.shape, round(float((v ** 2).sum()), 4)
+        ((1, 96), 1.0)
         """
         values, errors, _, n = self._columns(observed)
         self._check_trained(list(values))
         self._check_inputs(values, errors)
+        show = progress if progress is not None else n > 50_000
         out = []
         with torch.inference_mode():
-            for _, (ids, vn, en, p, empty) in self._batches(values, errors, n, batch_size):
+            for _, (ids, vn, en, p, empty) in self._batches(values, errors, n, batch_size, show):
                 t = torch.as_tensor
-                mem, mem_mask = self.model.encode(t(np.broadcast_to(ids, p.shape).copy()),
-                                                  t(np.nan_to_num(vn), dtype=torch.float32),
-                                                  t(np.where(p, en, 1.0), dtype=torch.float32), t(p))
-                w = mem_mask.float().unsqueeze(-1)
-                vec = ((mem * w).sum(1) / w.sum(1).clamp_min(1)).numpy()
+                dev = self.device
+                vec = self.model.embed_vectors(t(np.broadcast_to(ids, p.shape).copy(), device=dev),
+                                               t(np.nan_to_num(vn), dtype=torch.float32, device=dev),
+                                               t(np.where(p, en, 1.0), dtype=torch.float32, device=dev),
+                                               t(p, device=dev)).cpu().numpy()
                 vec[empty] = np.nan  # nothing observed: no vector (as query gives NaN), not zeros
                 out.append(vec)
         return np.concatenate(out)
+
+    def build_index(self, observed, kind: str = "auto", view: str | Sequence[str] | None = None,
+                    columns: Sequence[str] = ("teff", "logg", "m_h"), batch_size: int = 4096,
+                    progress: bool | None = None, meta: dict | None = None):
+        """An :class:`~stellarlm.similarity.EmbeddingIndex` of the stars of ``observed`` (a table
+        with a ``source_id`` column, or a :class:`~stellarlm.TokenTable`), tied to this model.
+
+        ``view``: the tokens embedded (:data:`stellarlm.alignment.VIEWS` key such as ``"xp"``,
+        ``"all"``, or a list of names; default ``"xp"`` for a TokenTable, every token column of
+        a table otherwise). ``columns``: values kept to show beside each neighbour (those present).
+        ``kind``: see :meth:`EmbeddingIndex.build <stellarlm.similarity.EmbeddingIndex.build>`.
+
+        >>> from stellarlm import load_embedded
+        >>> test = load_embedded().subset("test").subset(slice(0, 50))
+        >>> index = StellarLM.pretrained().build_index(test, view="xp")
+        >>> len(index), index.kind
+        (50, 'exact')
+        """
+        from .alignment import view_names
+        from .data.table import TokenTable
+        from .similarity import EmbeddingIndex
+
+        if isinstance(observed, TokenTable):
+            names = view_names(view or "xp", observed.names)
+            data = observed.observed(names)
+            source_id = observed.source_id
+            kept = {c: observed.column(c) for c in columns if c in observed.names}
+        else:
+            values, _, passthrough, _ = self._columns(observed)
+            if "source_id" not in passthrough:
+                raise BadValueError("build_index: the input needs a source_id column (what a neighbour is called)")
+            names = view_names(view or "all", list(values))
+            data = {k: v for k, v in _as_mapping(observed).items() if _token_of(k) in names}
+            source_id = passthrough["source_id"]
+            kept = {c: values[c] for c in columns if c in values}
+        if not names:
+            raise BadValueError(f"build_index: no token of view {view!r} in the input")
+        vectors = self.embed(data, batch_size=batch_size, progress=progress)
+        info = {"view": view if isinstance(view, str) or view is None else list(view), "tokens": len(names),
+                "model_path": None if self.path is None else str(self.path), **(meta or {})}
+        return EmbeddingIndex.build(vectors, source_id, self.model_sha256, columns=kept, kind=kind, meta=info)
+
+    def similar(self, observed, k: int = 10, index=None, batch_size: int = 4096, nprobe: int | None = None):
+        """The ``k`` stars of ``index`` most like each star of ``observed``, by cosine similarity of
+        their embeddings (:meth:`embed`).
+
+        ``index``: an :class:`~stellarlm.similarity.EmbeddingIndex` or its directory, built by this
+        model (:meth:`build_index`, ``stellarlm index build``); one built by another model raises
+        :class:`~stellarlm.errors.ConfigError`. A star whose ``source_id`` column matches a library
+        star is not its own neighbour. The query may be any view: a LAMOST-like spectrum finds the
+        stars of an XP library (how well depends on the model's alignment).
+
+        Returns
+        -------
+        astropy.table.Table
+            One row per (query star, neighbour): ``query`` (the input row), ``rank`` (1 = most
+            similar), ``source_id`` and ``similarity`` of the neighbour, and the columns the index
+            keeps (e.g. its ``teff``). A star with nothing observed gets no rows.
+
+        >>> from stellarlm import load_embedded
+        >>> model = StellarLM.pretrained()
+        >>> test = load_embedded().subset("test").subset(slice(0, 50))
+        >>> index = model.build_index(test, view="xp")
+        >>> out = model.similar(test.subset(slice(0, 2)).observed(["teff", "logg", "m_h"]), k=3, index=index)
+        >>> len(out), out.colnames[:4]
+        (6, ['query', 'rank', 'source_id', 'similarity'])
+        """
+        from astropy.table import Table
+
+        from .similarity import EmbeddingIndex
+
+        if index is None:
+            raise BadValueError("similar needs an index: StellarLM.build_index(...) or 'stellarlm index build'")
+        if not isinstance(index, EmbeddingIndex):
+            index = EmbeddingIndex.load(index, self.model_sha256)
+        else:
+            index.check_model(self.model_sha256)
+        _, _, passthrough, n = self._columns(observed)
+        vectors = self.embed(observed, batch_size=batch_size)
+        ok = np.isfinite(vectors).all(1)
+        exclude = None
+        if "source_id" in passthrough:
+            sid = np.asarray(passthrough["source_id"])
+            if sid.dtype.kind in "iu":  # Gaia source_ids need all 64 bits: never through a float
+                exclude = sid.astype(np.int64)[ok]
+            else:
+                sid = sid.astype(np.float64)
+                exclude = np.where(np.isfinite(sid), sid, -1).astype(np.int64)[ok]
+        rows, sims = index.search(vectors[ok], k, exclude=exclude, nprobe=nprobe)
+        found = rows >= 0
+        query = np.broadcast_to(np.flatnonzero(ok)[:, None], rows.shape)[found]
+        rank = np.broadcast_to(np.arange(1, rows.shape[1] + 1)[None, :], rows.shape)[found]
+        hit = rows[found]
+        out = Table({"query": query, "rank": rank, "source_id": index.source_id[hit],
+                     "similarity": sims[found].astype(np.float64)})
+        for name, col in index.columns.items():
+            out[name] = col[hit]
+            if name in self.vocab and self.vocab[name].unit:
+                import astropy.units as u
+
+                out[name].unit = u.Unit(self.vocab[name].unit)
+        return out
+
+    def anomaly(self, observed, calibration: dict | None = None, batch_size: int = 512,
+                progress: bool | None = None):
+        """How surprised the model is by each star (:mod:`stellarlm.anomaly` has the details).
+
+        For each group of tokens the star has (XP spectrum, LAMOST-like spectrum, labels,
+        photometry), the mean NLL per token of its values when the model reads every other group
+        (and G); each is turned into a robust z-score against validation stars given the same
+        groups, and the star's ``anomaly`` is the largest. ``anomaly_percentile`` places it among
+        validation stars with the same groups (99: only 1% of them look as odd).
+
+        ``calibration``: a dict from :func:`stellarlm.anomaly.calibrate_anomaly`; default: the one
+        in ``model.json`` (``stellarlm anomaly calibrate``), else one made on the embedded data's
+        validation split at first use (a warning says so).
+
+        Returns
+        -------
+        astropy.table.Table
+            ``anomaly``, ``anomaly_percentile``, ``groups`` (the groups scored, e.g.
+            ``xp+labels``), and per group ``z_<group>`` and ``nll_<group>`` (NaN where the star
+            lacks it); the pass-through columns (``source_id``, ...) first.
+
+        >>> from stellarlm import load_embedded
+        >>> from stellarlm.anomaly import calibrate_anomaly
+        >>> model = StellarLM.pretrained()
+        >>> val = load_embedded().subset("val")
+        >>> cal = calibrate_anomaly(model, val, max_stars=50)
+        >>> out = model.anomaly(val.subset(slice(0, 3)).observed(val.names), calibration=cal)
+        >>> out.colnames[:3], len(out)
+        (['anomaly', 'anomaly_percentile', 'groups'], 3)
+        """
+        from astropy.table import Table
+
+        from .anomaly import score
+
+        values, errors, passthrough, n = self._columns(observed)
+        self._check_trained(list(values))
+        self._check_inputs(values, errors)
+        cal = calibration or self.meta.get("anomaly_calibration") or self._default_anomaly_calibration()
+        show = progress if progress is not None else n > 50_000
+        result = score(self, values, errors, cal, batch_size, show)
+        out = Table()
+        for k, col in passthrough.items():
+            out[k] = col
+        for k in ("anomaly", "anomaly_percentile", "groups"):
+            out[k] = result[k]
+        for k, col in result.items():
+            if k.startswith(("z_", "nll_")):
+                out[k] = col
+        return out
+
+    def _default_anomaly_calibration(self) -> dict:
+        """The anomaly calibration made once on the embedded validation split (cached)."""
+        if self._anomaly_calibration is None:
+            from .anomaly import calibrate_anomaly
+            from .data.embedded import load_embedded
+            from .errors import ConfigError, DataFileError
+
+            warnings.warn("this model has no stored anomaly calibration (model.json: anomaly_calibration); "
+                          "calibrating on the embedded data's validation split now (stored by 'stellarlm "
+                          "anomaly calibrate --model ...')", stacklevel=3)
+            try:
+                val = load_embedded().subset("val")
+            except (DataFileError, OSError) as exc:
+                raise ConfigError(f"anomaly: no calibration stored with the model and no embedded data to make one "
+                                  f"({exc}); run 'stellarlm data build' then 'stellarlm anomaly calibrate'") from exc
+            val = val.select([n for n in val.names if n in self.trained_tokens])
+            self._anomaly_calibration = calibrate_anomaly(self, val)
+        return self._anomaly_calibration
 
     def labels_from_xp(self, bp_coefficients, rp_coefficients, phot_g_mean_mag, want=("teff", "logg", "m_h"),
                        bp_coefficient_errors=None, rp_coefficient_errors=None,
@@ -572,6 +790,17 @@ def read_star_table(path, format: str | None = None, keep: Sequence[str] = (), g
                 raise DataFileError(path, f"--keep {c}: an XP_SAMPLED file has one row per wavelength")
             table[c] = observed[c]
     return table, ["source_id", "g_source"]
+
+
+def _as_mapping(observed) -> dict:
+    """The columns of an astropy Table, a DataFrame or a dict, as a dict (no copies)."""
+    from astropy.table import Table
+
+    if isinstance(observed, Table):
+        return {name: observed[name] for name in observed.colnames}
+    if hasattr(observed, "to_dict") and hasattr(observed, "columns"):
+        return {str(c): observed[c].to_numpy() for c in observed.columns}
+    return dict(observed)
 
 
 def _refuse(column: str, values: np.ndarray, bad: np.ndarray, problem: str) -> None:

@@ -71,6 +71,7 @@ from tqdm import tqdm
 from .data.table import TokenTable
 from .errors import BadValueError, ConfigError, DataFileError, VocabularyMismatchError
 from .integrity import CHECKSUM_FILE, atomic_write, verify_checksums, write_checksums
+from .alignment import alignment_loss, draw_view_pairs, evaluate_alignment
 from .model import ModelConfig, StellarTransformer, gaussian_nll
 from .vocab import GROUPS, N_LAMOST, N_XP_BINS, XP_NAMES, Vocabulary
 
@@ -123,6 +124,11 @@ class TrainConfig:
     workers: int = 2
     nll_beta: float = 0.5  # beta-NLL weighting of the loss (model.gaussian_nll); validation uses plain NLL
     nll_beta_photometry: float | None = None  # the same for the magnitude tokens (None: nll_beta)
+    # contrastive alignment (stellarlm.alignment): the weight of the InfoNCE term between the
+    # embeddings of two disjoint views of each star (its XP spectrum, LAMOST-like spectrum, labels,
+    # photometry) added to the NLL, and its temperature; 0: no term, training exactly as without
+    align_weight: float = 0.0
+    align_temperature: float = 0.1
     seed: int = 0
     eval_every: int = 0  # 0: once per epoch (n_train / batch_size steps)
     checkpoint_every: int = 500
@@ -389,10 +395,13 @@ _CHECKS = {
     "p_gap_inpaint": _PROB, "p_extra": _PROB,
     "p_xp": (lambda v: v is None or 0 <= v <= 1, "a probability in [0, 1]"),
     "max_minutes": (lambda v: v is None or (math.isfinite(v) and v > 0), "a number of minutes > 0"),
+    "align_weight": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0: no alignment term)"),
+    "align_temperature": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
 }
 _MODEL_CHECKS = {
     "d_model": _COUNT, "n_heads": _COUNT, "n_encoder_layers": _COUNT, "n_decoder_layers": _COUNT,
     "mlp_ratio": _COUNT, "n_components": _COUNT,
+    "align_dim": (lambda v: v >= 0, "an integer >= 0 (0: no projection head)"),
     "dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "logvar_min": (lambda v: math.isfinite(v), "a finite number"),
     "logvar_max": (lambda v: math.isfinite(v), "a finite number"),
@@ -806,6 +815,8 @@ def _draw(data: NormalisedData, n: int, gen: torch.Generator, cfg: TrainConfig, 
     rows = torch.randint(len(data), (n,), generator=gen)
     batch = sample_batch(data, rows, gen, cfg.max_targets, cfg.p_group, cfg.max_inputs, cfg.p_alone, cfg.p_xp,
                          cfg.p_half, cfg.input_noise, cfg.p_gap, cfg.p_gap_inpaint, cfg.p_extra)
+    if cfg.align_weight > 0:  # drawn after the batch: without the term, the random stream is unchanged
+        batch.update(draw_view_pairs(data, rows, gen))
     return {k: x.to(device) for k, x in batch.items()}
 
 
@@ -886,10 +897,13 @@ def loss_backward(model: StellarTransformer, batch: dict, cfg: TrainConfig, pool
     padded pass, which there beats several small launches. ``beta``: :func:`token_betas` of ``cfg``,
     on the model's device."""
     if pool is not None:
-        return parallel_backward(model, batch, pool, cfg.workers, cfg.n_buckets, beta)
-    on_cpu = batch["values"].device.type == "cpu"
-    loss = batch_loss(model, batch, not on_cpu, beta, cfg.n_buckets if on_cpu else 1)
-    loss.backward()
+        loss = parallel_backward(model, batch, pool, cfg.workers, cfg.n_buckets, beta)
+    else:
+        on_cpu = batch["values"].device.type == "cpu"
+        loss = batch_loss(model, batch, not on_cpu, beta, cfg.n_buckets if on_cpu else 1)
+        loss.backward()
+    if cfg.align_weight > 0:  # the contrastive term's gradient added to the NLL's (stellarlm.alignment)
+        (cfg.align_weight * alignment_loss(model, batch, cfg.align_temperature)).backward()
     return loss
 
 
@@ -1064,6 +1078,8 @@ def _train_locked(table: TokenTable, cfg: TrainConfig, out: Path, resume: bool, 
                     rec = {"step": step, "epoch": step / steps_per_epoch, "train_loss": float(np.mean(running)),
                            "grad_norm_median": float(np.median(norms)),
                            "val_loss": val, "lr": lr_at(step - 1, cfg), "seconds": round(time.time() - t0, 1)}
+                    if cfg.align_weight > 0 and len(val_data) > 1:
+                        rec.update(evaluate_alignment(model, val_data, cfg, device))
                     metrics.write(json.dumps(rec) + "\n")
                     metrics.flush()
                     bar.set_postfix(train=f"{rec['train_loss']:.3f}", val=f"{val:.3f}")
