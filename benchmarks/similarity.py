@@ -168,10 +168,11 @@ def main() -> None:
         out["faiss"] = faiss.__version__
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if args.skip_physics and path.exists():  # keep the physics of an earlier run of the same model
-        before = json.loads(path.read_text())
-        if before.get("model_sha256") == out["model_sha256"] and "physics" in before:
-            out["physics"] = before["physics"]
+    before = json.loads(path.read_text()) if path.exists() else {}
+    if args.skip_physics and before.get("model_sha256") == out["model_sha256"] and "physics" in before:
+        out["physics"] = before["physics"]  # the physics of an earlier run of the same model
+    if args.skip_speed and before.get("embedding_dim") == out["embedding_dim"] and "speed" in before:
+        out["speed"] = before["speed"]  # random vectors of the same size: the timing does not depend on the model
     if not args.skip_physics:
         data = load_embedded()
         out["physics"] = physics(model, data.subset("train"), data.subset("test"), args.k)
