@@ -958,6 +958,9 @@ def train(table: TokenTable, cfg: TrainConfig, resume: bool = False, progress: b
     if cfg.batch_size < procs.world:
         raise ConfigError(f"--batch-size {cfg.batch_size} is smaller than the number of ranks ({procs.world}): "
                           "each rank needs at least one star of every batch")
+    if procs.ddp and cfg.align_weight > 0:  # its InfoNCE negatives would be each rank's share only
+        raise ConfigError("--align-weight > 0 is not supported under torchrun yet; train with the alignment "
+                          "term in one process")
     with ExitStack() as lock:
         error = None
         if procs.rank == 0:  # rank 0 alone writes into <out>, and alone holds its lock

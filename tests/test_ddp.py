@@ -193,3 +193,23 @@ def test_normalised_data_memory_mapped(data_dir, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
     with pytest.raises(stellarlm.DataFileError, match="not a normalised training set"):
         NormalisedData.load(table.save(tmp_path / "table.safetensors"))
+
+
+def test_alignment_term_is_refused_under_ddp(tmp_path):
+    """The contrastive term's negatives would be each rank's share of the batch only: under a
+    process group, --align-weight > 0 is refused before any work, with a message naming it."""
+    code = f"""
+import torch.distributed as dist
+from stellarlm.errors import ConfigError
+from stellarlm.training import TrainConfig, train
+dist.init_process_group("gloo", init_method="file://{tmp_path / 'pg'}", rank=0, world_size=1)
+try:
+    train(None, TrainConfig(out_dir="{tmp_path / 'out'}", align_weight=0.1))
+except ConfigError as exc:
+    print("REFUSED:", exc)
+finally:
+    dist.destroy_process_group()
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(stellarlm.__file__).parent.parent)})
+    assert "REFUSED: --align-weight > 0 is not supported under torchrun" in done.stdout, done.stderr[-2000:]
