@@ -33,7 +33,6 @@ G comes, per star and in this order, from the input's own column (``phot_g_mean_
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import queue
@@ -48,6 +47,7 @@ import numpy as np
 
 from .data.xp_basis import coefficients_to_tokens
 from .errors import BadValueError, DataFileError, StellarLMError
+from .integrity import sha256_file
 from .vocab import XP_NAMES
 
 G_SOURCES = ("column", "photometry", "synthetic", "none")
@@ -223,7 +223,7 @@ class Labeller:
             self.net = torch.compile(self.net, dynamic=True)
         self.q_ids = torch.as_tensor(self.want_ids, device=self.device)
         self.fixed = FixedInputEncoder(self.lm.model, self.in_ids) if fast_encoder else None
-        self.model_sha256 = file_sha256(self.model_dir / "model.safetensors")
+        self.model_sha256 = self.lm.model_sha256  # hashed once, when StellarLM.load read the weights
 
     def _tensor(self, a, dtype):
         import torch
@@ -294,14 +294,6 @@ def _q_label(q: float) -> str:
     """0.16 -> '16', 0.5 -> '50', 0.025 -> '2.5'."""
     s = f"{100 * q:.6g}"
     return s
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --- ranks and names -------------------------------------------------------------------------------------
@@ -468,7 +460,7 @@ def label_one(path: Path, out_dir: Path, labeller: Labeller, *, chunk_rows: int 
             except queue.Empty:
                 pass
     worker.join()
-    input_sha = hasher[0].digest if hasher and hasher[0].digest else file_sha256(path)
+    input_sha = hasher[0].digest if hasher and hasher[0].digest else sha256_file(path)
     n = int(sum(len(x) for x in cols.get("source_id", [])))
     counts = {}
     if n:
