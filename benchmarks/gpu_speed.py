@@ -13,7 +13,10 @@ parameters), it measures
 * ``training``: AdamW steps with bf16 autocast on synthetic batches shaped like the training
   batches (115 input tokens, 16 targets a star), samples/s;
 * ``end_to_end``: ``label_files`` on a generated bulk file (``--e2e-rows``, gzipped) with
-  ``--parse-threads`` reader threads: parsing on the CPU, the model on the GPU.
+  ``--parse-threads`` reader threads: parsing on the CPU, the model on the GPU;
+* ``ranks_end_to_end`` (``--ranks N``): N processes (RANK/WORLD_SIZE set as torchrun sets them),
+  each labelling its own ``--rank-rows`` bulk file with the trained ``models/default`` on the
+  same GPU, one thread each: the aggregate stars/s, process start-up included.
 
 The weights are untrained (speed does not depend on them). Writes JSON. ``--device cpu --quick``
 checks the script on a machine without a GPU (the numbers are then CPU numbers).
@@ -154,6 +157,53 @@ def end_to_end(model_dir: Path, device: str, rows: int, parse_threads: int, batc
                 "reader_busy_s": r.parse_seconds, "model_busy_s": r.model_seconds, "parse_threads": parse_threads}
 
 
+_RANK_WORKER = """
+import sys, time, glob, json
+t = time.time()
+from stellarlm.survey import label_files
+res = label_files(sorted(glob.glob(sys.argv[1] + '/*.csv.gz')), sys.argv[2], sys.argv[1] + '/out',
+                  photometry=[sys.argv[1] + '/phot.csv'], device=sys.argv[3], progress=False, threads=1)
+print(json.dumps([{"stars": r.stars, "status": r.status, "parse_s": r.parse_seconds, "model_s": r.model_seconds,
+                   "wall_s": time.time() - t} for r in res]))
+"""
+
+
+def _write_rank_file(args: tuple) -> None:
+    from stellarlm.data.gaia_bulk import write_bulk_file
+
+    directory, i, rows = args
+    write_bulk_file(Path(directory) / f"XpContinuousMeanSpectrum_{i:02d}.csv.gz", rows, first_source_id=10**15 + i * 10**7)
+
+
+def ranks_end_to_end(device: str, ranks: int, rows: int) -> dict:
+    """``ranks`` labelling processes sharing this machine's GPU, one bulk file of ``rows`` each."""
+    import subprocess
+    from concurrent.futures import ProcessPoolExecutor
+
+    with tempfile.TemporaryDirectory() as d:
+        with ProcessPoolExecutor(min(ranks, os.cpu_count() or 1)) as pool:
+            list(pool.map(_write_rank_file, [(d, i, rows) for i in range(ranks)]))
+        with open(Path(d) / "phot.csv", "w") as f:
+            f.write("source_id,phot_g_mean_mag\n" + "".join(f"{10**15 + i * 10**7 + j},14.0\n"
+                                                             for i in range(ranks) for j in range(rows)))
+        t = time.perf_counter()
+        procs = [subprocess.Popen([sys.executable, "-c", _RANK_WORKER, d, str(ROOT / "models" / "default"), device],
+                                  stdout=subprocess.PIPE, text=True,
+                                  env=dict(os.environ, RANK=str(i), WORLD_SIZE=str(ranks), OMP_NUM_THREADS="1",
+                                           PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])))
+                 for i in range(ranks)]
+        per_rank = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+        wall = time.perf_counter() - t
+    stars = sum(f["stars"] for r in per_rank for f in r)
+    return {"ranks": ranks, "rows_per_rank": rows, "stars": stars, "wall_s": wall, "stars_per_s": stars / wall,
+            "per_rank": per_rank}
+
+
+def _write(report: dict, out: str) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=1, default=str))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
@@ -162,6 +212,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0, help="timing per measurement")
     ap.add_argument("--e2e-rows", type=int, default=200_000)
     ap.add_argument("--parse-threads", type=int, default=max(1, (os.cpu_count() or 2) - 2))
+    ap.add_argument("--ranks", type=int, default=0, help="also label with this many processes sharing the GPU")
+    ap.add_argument("--rank-rows", type=int, default=30_000, help="rows of each rank's file (--ranks)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_speed.json"))
     args = ap.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -181,13 +233,22 @@ def main() -> None:
             r["training"] = [training(over, args.device, b, seconds, False)
                              for b in ([64] if args.quick else [512, 2048])]
             print("  training:", [f"{x['samples_per_s']:.0f}" for x in r["training"]], "samples/s", flush=True)
-            if name == "default":
-                r["end_to_end"] = end_to_end(model_dir, args.device, 2000 if args.quick else args.e2e_rows,
-                                             args.parse_threads, None)
-                print("  end to end:", r["end_to_end"], flush=True)
             report["results"][name] = r
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1, default=str))
+            _write(report, args.out)
+        # last, so that a failure here (e.g. astroquery, whose test data it needs, not installed)
+        # loses nothing else
+        try:
+            e2e = end_to_end(Path(tmp) / "default", args.device, 2000 if args.quick else args.e2e_rows,
+                             args.parse_threads, None)
+        except Exception as exc:  # noqa: BLE001 - reported in the JSON
+            e2e = {"error": f"{type(exc).__name__}: {exc}"}
+        report["results"]["default"]["end_to_end"] = e2e
+        print("  end to end:", e2e, flush=True)
+        if args.ranks:
+            r = ranks_end_to_end(args.device, args.ranks, 200 if args.quick else args.rank_rows)
+            report["results"]["default"]["ranks_end_to_end"] = r
+            print(f"  {args.ranks} ranks: {r['stars_per_s']:.0f} stars/s", flush=True)
+    _write(report, args.out)
     print(f"wrote {args.out}")
 
 

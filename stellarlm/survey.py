@@ -22,7 +22,8 @@ the wanted names and writes ``<input stem>.labels.fits`` into the output directo
   ``WORLD_SIZE``), each rank takes a deterministic share of the inputs (largest first, each to the
   least-loaded rank; ties by name), so the ranks together write every output once. No
   torch.distributed group is needed: the ranks never talk.
-* **GPU**: ``device="cuda"`` uses rank ``LOCAL_RANK``'s GPU, bf16 autocast, pinned host memory and
+* **GPU**: ``device="cuda"`` uses GPU ``LOCAL_RANK`` modulo the number of GPUs (several parsing
+  ranks share one), bf16 autocast, pinned host memory and
   non-blocking copies, large batches, and optionally ``torch.compile`` (``compile=True``).
 
 G comes, per star and in this order, from the input's own column (``phot_g_mean_mag``,
@@ -510,6 +511,19 @@ def _write_fits(path: Path, cols: dict[str, list], header: dict, labeller: Label
 
 
 # --- the run ---------------------------------------------------------------------------------------------
+def rank_device(device: str, local_rank: str | None, n_gpus: int) -> str:
+    """The device of a labelling rank: plain ``cuda`` under torchrun means GPU ``LOCAL_RANK``
+    modulo the number of GPUs, so more ranks than GPUs share them (parsing, not the model, sets
+    the pace: one GPU fed by 14 parsing ranks in docs/survey_scale.md).
+
+    >>> rank_device("cuda", "13", 8)
+    'cuda:5'
+    """
+    if device != "cuda" or local_rank is None or n_gpus < 1:
+        return device
+    return f"cuda:{int(local_rank) % n_gpus}"
+
+
 def label_files(inputs: Sequence[str | os.PathLike], model: str | os.PathLike, out_dir: str | os.PathLike, *,
                 want: Sequence[str] = ("teff", "logg", "m_h"), photometry: Sequence[str | os.PathLike] = (),
                 synthetic_g: bool = False, quantiles: Sequence[float] = (), threads: int | None = None,
@@ -535,8 +549,8 @@ def label_files(inputs: Sequence[str | os.PathLike], model: str | os.PathLike, o
         raise BadValueError(f"inputs would write the same output {dup[:3]}: rename them or label them separately")
     if threads:
         torch.set_num_threads(int(threads))
-    if device == "cuda" and "LOCAL_RANK" in os.environ:
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    if device == "cuda" and torch.cuda.is_available():
+        device = rank_device(device, os.environ.get("LOCAL_RANK"), torch.cuda.device_count())
     _setup_log(out_dir, rank)
     labeller = Labeller(model, want, device=device, batch_size=batch_size, quantiles=quantiles, compile=compile,
                         amp=amp)
@@ -606,7 +620,7 @@ def add_label_command(sub) -> None:
     p.add_argument("--chunk-rows", type=int, default=1024, help="rows read and parsed at a time")
     p.add_argument("--parse-threads", type=int, default=1, help="threads parsing text chunks at once (bulk files; "
                    "the parser releases the GIL): 2 on a 2-core machine with --threads 1")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: GPU LOCAL_RANK modulo the GPU count)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on CPU too (on by default on CUDA); "
                    "~1.5x faster on CPUs with AVX512-BF16, answers differ by bf16 rounding")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU runs of many files)")

@@ -299,3 +299,13 @@ def test_fixed_input_encoder_is_the_network_encoder(stem_tokens):
     assert torch.equal(want_mask, got_mask)
     # encode packs the patches in id order, as the shortcut does
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_ranks_share_gpus_by_local_rank():
+    from stellarlm.survey import rank_device
+
+    # torchrun with more labelling ranks than GPUs: ranks wrap round the GPUs
+    assert [rank_device("cuda", str(r), 2) for r in range(5)] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"]
+    assert rank_device("cuda", None, 2) == "cuda"  # not under torchrun: torch's current GPU
+    assert rank_device("cuda:1", "3", 2) == "cuda:1"  # an explicit GPU is kept
+    assert rank_device("cpu", "3", 2) == "cpu"
