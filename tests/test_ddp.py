@@ -51,13 +51,15 @@ def _assert_close_weights(a: dict, b: dict, d_model: int = TINY["d_model"]) -> N
     """Equal to float tolerance, but for the key biases (the first half of each ``attn.kv.bias``):
     attention is blind to them (a shift of every key's score), so their exact gradient is zero and
     what they get is rounding noise, which Adam scales up to steps of the learning rate's size in
-    either run. Everything else differs by ~1e-6 after 12 steps; a wrong loss normalisation (a
-    mean per rank, averaged) by ~1e-2."""
+    either run. Everything else differs by ~1e-6 after 12 steps, except rows that get almost no
+    gradient in those 12 steps (a query token asked of one or two stars), where Adam scales the
+    rounding up alike (seen: 2.3e-5 on one row of ``query.weight``); a wrong loss normalisation (a
+    mean per rank, averaged) moves weights by ~1e-2."""
     for name in a:
         x, y = a[name], b[name]
         if name.endswith("attn.kv.bias"):
             x, y = x[d_model:], y[d_model:]
-        torch.testing.assert_close(x, y, rtol=0, atol=2e-5, msg=name)
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-4, msg=name)
 
 
 def _gloo() -> None:
