@@ -71,19 +71,19 @@ def probe(runs: Path, device: str, quick: bool, copies: int) -> dict:
         out = runs / f"probe_{i}_{size}"
         cmd = train_cmd(out, steps, device, i, SIZES[size], None, quick)
         cmd[cmd.index("--eval-every") + 1] = str(steps // 2)
-        with open(runs / f"probe_{i}.log", "w") as log:
-            procs.append((size, out, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(device))))
+        log = runs / f"probe_{i}.log"
+        with open(log, "w") as f:
+            procs.append((size, out, log, subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env())))
     times: dict = {}
-    for size, out, p in procs:
+    for size, out, log, p in procs:
         if p.wait():
-            raise SystemExit(f"the probe run in {out} failed:\n" + (runs / f"{out.name.rsplit('_', 1)[0]}.log")
-                             .read_text()[-3000:])
+            raise SystemExit(f"the probe run in {out} failed:\n" + log.read_text()[-3000:])
         m = metrics(out)
         times.setdefault(size, []).append((m[-1]["seconds"] - m[0]["seconds"]) / (m[-1]["step"] - m[0]["step"]))
     return {size: max(t) for size, t in times.items()}
 
 
-def _env(device: str, cpu_only: bool = False) -> dict:
+def _env(cpu_only: bool = False) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     if cpu_only:
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -103,10 +103,22 @@ def evaluate(out: Path, quick: bool) -> dict:
             "from val_labels import evaluate\n"
             "print(json.dumps(evaluate(%r, %r)))") % (str(ROOT), str(ROOT / "benchmarks" / "experiments"), str(out),
                                                      ("xp_g",) if quick else ("xp_g", "xp_colours", "xp_phot"))
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env("cpu", True))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(cpu_only=True))
     if res.returncode:
         return {"error": res.stderr[-2000:]}
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def grid(ladder: tuple[int, ...]) -> dict:
+    """name -> (steps, seed, options) of every run: each size at each budget, then at the longest
+    budget the shipped size's second seed and the two task mixes over two seeds."""
+    top = ladder[-1]
+    jobs = {f"{size}_{steps}": (steps, 0, {**SIZES[size]}) for size in SIZES for steps in ladder}
+    jobs["M_%d_seed1" % top] = (top, 1, {})
+    for mix in ("xp_heavy", "xp_heavy_extra"):
+        for seed in (0, 1):
+            jobs[f"M_{top}_{mix}_seed{seed}"] = (top, seed, MIXES[mix])
+    return jobs
 
 
 def main() -> None:
@@ -123,15 +135,6 @@ def main() -> None:
     runs.mkdir(parents=True, exist_ok=True)
     report = {"device": args.device, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": {}}
     t0 = time.time()
-    def grid(ladder):
-        top = ladder[-1]
-        jobs = {f"{size}_{steps}": (steps, 0, {**SIZES[size]}) for size in SIZES for steps in ladder}
-        jobs["M_%d_seed1" % top] = (top, 1, {})
-        for mix in ("xp_heavy", "xp_heavy_extra"):
-            for seed in (0, 1):
-                jobs[f"M_{top}_{mix}_seed{seed}"] = (top, seed, MIXES[mix])
-        return jobs
-
     n_jobs = len(grid(LADDERS[0]))
     report["probe_step_seconds"] = step_s = probe(runs, args.device, args.quick, n_jobs)
     ladder = (8, 16, 32) if args.quick else plan(step_s, args.minutes - (time.time() - t0) / 60)
@@ -145,14 +148,14 @@ def main() -> None:
         out = runs / name
         log = open(runs / f"{name}.log", "w")
         procs[name] = (subprocess.Popen(train_cmd(out, steps, args.device, seed, options, minutes, args.quick),
-                                        stdout=log, stderr=subprocess.STDOUT, env=_env(args.device)), out, steps,
-                       seed, options, log)
+                                        stdout=log, stderr=subprocess.STDOUT, env=_env()), out, log)
         report["runs"][name] = {"steps": steps, "seed": seed, "options": options}
     evals = {}
     pool = ThreadPoolExecutor(max_workers=len(jobs))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     while procs or evals:
         for name in list(procs):
-            p, out, steps, seed, options, log = procs[name]
+            p, out, log = procs[name]
             if p.poll() is None:
                 continue
             log.close()
@@ -172,7 +175,6 @@ def main() -> None:
             report["runs"][name]["val_scatter"] = evals.pop(name).result()
             print(f"{name}: {json.dumps(report['runs'][name]['val_scatter'].get('xp_g'))}", flush=True)
         report["elapsed_s"] = round(time.time() - t0, 1)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))
         time.sleep(2)
     print(f"wrote {args.out} after {time.time() - t0:.0f} s")

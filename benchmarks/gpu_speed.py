@@ -138,6 +138,13 @@ def training(overrides: dict, device: str, batch: int, seconds: float, compile: 
     return {"batch": batch, "samples_per_s": batch * n / dt, "parameters": model.n_parameters(), "bf16": use_amp}
 
 
+def _write_photometry(path: Path, source_ids) -> Path:
+    """A join file giving every star G = 14 (speed does not depend on the value)."""
+    with open(path, "w") as f:
+        f.write("source_id,phot_g_mean_mag\n" + "".join(f"{i},14.0\n" for i in source_ids))
+    return path
+
+
 def end_to_end(model_dir: Path, device: str, rows: int, parse_threads: int, batch: int | None) -> dict:
     from stellarlm.data.gaia_bulk import write_bulk_file
     from stellarlm.survey import label_files
@@ -145,9 +152,7 @@ def end_to_end(model_dir: Path, device: str, rows: int, parse_threads: int, batc
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         src = write_bulk_file(d / "XpContinuousMeanSpectrum_gpu.csv.gz", rows, first_source_id=10**15)
-        phot = d / "phot.csv"
-        with open(phot, "w") as f:
-            f.write("source_id,phot_g_mean_mag\n" + "".join(f"{10**15 + i},14.0\n" for i in range(rows)))
+        phot = _write_photometry(d / "phot.csv", range(10**15, 10**15 + rows))
         t = time.perf_counter()
         res = label_files([src], model_dir, d / "out", photometry=[phot], device=device, progress=False,
                           parse_threads=parse_threads, batch_size=batch, threads=1)
@@ -183,9 +188,7 @@ def ranks_end_to_end(device: str, ranks: int, rows: int) -> dict:
     with tempfile.TemporaryDirectory() as d:
         with ProcessPoolExecutor(min(ranks, os.cpu_count() or 1)) as pool:
             list(pool.map(_write_rank_file, [(d, i, rows) for i in range(ranks)]))
-        with open(Path(d) / "phot.csv", "w") as f:
-            f.write("source_id,phot_g_mean_mag\n" + "".join(f"{10**15 + i * 10**7 + j},14.0\n"
-                                                             for i in range(ranks) for j in range(rows)))
+        _write_photometry(Path(d) / "phot.csv", (10**15 + i * 10**7 + j for i in range(ranks) for j in range(rows)))
         t = time.perf_counter()
         procs = [subprocess.Popen([sys.executable, "-c", _RANK_WORKER, d, str(ROOT / "models" / "default"), device],
                                   stdout=subprocess.PIPE, text=True,
@@ -195,8 +198,11 @@ def ranks_end_to_end(device: str, ranks: int, rows: int) -> dict:
         per_rank = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
         wall = time.perf_counter() - t
     stars = sum(f["stars"] for r in per_rank for f in r)
+    # the fields benchmarks/survey_estimate.py reads
     return {"ranks": ranks, "rows_per_rank": rows, "stars": stars, "wall_s": wall, "stars_per_s": stars / wall,
-            "per_rank": per_rank}
+            "parse_s_per_rank": [sum(f["parse_s"] for f in r) for r in per_rank],
+            "model_s_per_rank": [sum(f["model_s"] for f in r) for r in per_rank],
+            "rank_wall_s": [max((f["wall_s"] for f in r), default=0.0) for r in per_rank]}
 
 
 def _write(report: dict, out: str) -> None:
@@ -246,7 +252,7 @@ def main() -> None:
         print("  end to end:", e2e, flush=True)
         if args.ranks:
             r = ranks_end_to_end(args.device, args.ranks, 200 if args.quick else args.rank_rows)
-            report["results"]["default"]["ranks_end_to_end"] = r
+            report["results"]["default"]["ranks_end_to_end"] = [r]  # a list: runs of several sizes
             print(f"  {args.ranks} ranks: {r['stars_per_s']:.0f} stars/s", flush=True)
     _write(report, args.out)
     print(f"wrote {args.out}")
