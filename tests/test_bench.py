@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stellarlm.bench import BASELINES, INPUT_SETS, LABELS, METHODS, BenchConfig, run_benchmark
+from stellarlm.bench import BASELINES, INPUT_SETS, LABELS, METHODS, BenchConfig, run_benchmark, with_colours
 from stellarlm.bench.metrics import binned_metrics, calibration_metrics, residual_metrics
 from stellarlm.cli import main
 from stellarlm.vocab import LAMOST_NAMES, XP_NAMES, robust_scatter
@@ -48,6 +48,18 @@ def test_quick_bench_writes_every_table_and_plot(quick_bench, capsys):
         for method in BASELINES:  # the cost table: settings, CPU and wall seconds
             assert f"| {description} | {method} | " in md.split("**Baselines**")[1]
     assert "cosine" in md and "depth/learning rate/rounds" in md
+
+
+def test_xgboost_gets_the_colours_of_neighbouring_bands():
+    """Trees split on one feature at a time, so XGBoost is given colours beside the magnitudes; a
+    colour with a missing magnitude is missing, and XP + G alone gets none."""
+    inputs = ["g", "bp", "rp", "j", "h", "k"]
+    x = np.array([[12.0, 12.4, 11.5, 10.6, 10.1, 10.0], [12.0, 12.4, 11.5, np.nan, 10.1, 10.0]])
+    out = with_colours(x, inputs)
+    np.testing.assert_allclose(out[0, 6:], [0.4, 0.5, 0.9, 0.5, 0.1])  # BP-G, G-RP, RP-J, J-H, H-Ks
+    assert np.isnan(out[1, 8:10]).all() and np.isfinite(out[1, [6, 7, 10]]).all()
+    xp_g = INPUT_SETS["xp_g"][1]
+    assert with_colours(np.zeros((2, len(xp_g))), xp_g).shape == (2, len(xp_g))
 
 
 def test_input_sets_colours_and_lamost(quick_bench):

@@ -6,7 +6,8 @@ and Ks magnitudes; XP + photometry + parallax; photometry alone; the synthetic L
 alone). stellarlm is one trained model queried with each input set. The baselines
 (``stellarlm.bench.baselines``) get the identical training split and inputs and are tuned as
 carefully as the model, on the validation split only: XGBoost over a grid of depth x learning
-rate with early stopping, the best grid point per label by validation RMSE; an MLP (3 x 512 GELU,
+rate with early stopping, the best grid point per label by validation RMSE (given the colours of
+neighbouring bands beside the magnitudes); an MLP (3 x 512 GELU,
 AdamW, 60 epochs with a cosine learning rate, the best validation-NLL epoch kept, Teff learnt as
 log10); a deep ensemble of 5 such MLPs; kNN (k = 16). Stars with none of an input set's inputs
 (some have no LAMOST-like spectrum) are left out of every split for that set. It measures accuracy
@@ -49,7 +50,8 @@ PHOTOMETRY = ["g", "bp", "rp", "j", "h", "k"]
 # Leung & Bovy's headline inputs are XP + G + the colours J-H, J-K and BP-RP. stellarlm has tokens
 # for magnitudes, not colours, and G with those three colours cannot give back G-J (nor BP and RP
 # apart), so colours for the baselines would hold less than magnitudes for the model. Every method
-# therefore gets the magnitudes themselves, from which any colour follows.
+# therefore gets the magnitudes themselves, from which any colour follows (XGBoost, whose trees
+# cannot form a difference, gets the colours of neighbouring bands beside them: ``with_colours``).
 INPUT_SETS = {
     "xp_g": ("XP + G", XP_NAMES + ["g"]),
     "xp_colours": ("XP + G + colours (BP, RP, J, H, Ks)", XP_NAMES + PHOTOMETRY),
@@ -150,12 +152,16 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
                 pits[method] = answer.convolved(e["test"]).cdf(y["test"])
                 info[method] = {}
             else:
+                features = x
+                if method == "xgboost":  # trees cut one feature at a time: a colour is not a cut on magnitudes
+                    features = {s: with_colours(x[s], inputs) for s in x}
                 spec = {"method": method, "settings": _baseline_settings(method, caps, cfg.seed),
-                        "inputs": inputs, "labels": LABELS, "data": table.meta.get("name"),
+                        "inputs": inputs, "colours": _colour_names(inputs) if method == "xgboost" else [],
+                        "labels": LABELS, "data": table.meta.get("name"),
                         "n": {s: len(part[s]) for s in part}, "stars_per_split_caps": {s: caps[s] for s in part},
                         "seed": cfg.seed, "evaluated_on": cfg.evaluate_on, "code": _baselines_code_hash(),
                         "versions": _versions(method)}
-                got = _cached_baseline(cache_dir, f"{key}_{method}", spec, x, y, e, reuse=cfg.baseline_cache,
+                got = _cached_baseline(cache_dir, f"{key}_{method}", spec, features, y, e, reuse=cfg.baseline_cache,
                                        log=log, train=not cfg.cached_only)
                 if got is None:
                     log(f"[bench]   {method}: no cached result, not run (cached_only)")
@@ -213,6 +219,27 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
     (out_dir / "bench.json").write_text(json.dumps(result, indent=1))
     (out_dir / "bench.md").write_text(to_markdown(result))
     return result
+
+
+# photometric bands blue to red: the colours XGBoost gets are the differences of neighbours present
+COLOUR_ORDER = ["bp", "g", "rp", "j", "h", "k"]
+
+
+def _colour_names(inputs: list[str]) -> list[str]:
+    bands = [b for b in COLOUR_ORDER if b in inputs]
+    return [f"{a}-{b}" for a, b in zip(bands, bands[1:])]
+
+
+def with_colours(x: np.ndarray, inputs: list[str]) -> np.ndarray:
+    """``x`` (n, len(inputs)) with the colours of neighbouring bands (BP-G, G-RP, RP-J, J-H, H-Ks:
+    those whose two magnitudes are in ``inputs``) appended as columns, NaN where either is missing.
+
+    >>> with_colours(np.array([[12.0, 12.4, 11.5]]), ["g", "bp", "rp"])
+    array([[12. , 12.4, 11.5,  0.4,  0.5]])
+    """
+    bands = [b for b in COLOUR_ORDER if b in inputs]
+    cols = [x[:, inputs.index(a)] - x[:, inputs.index(b)] for a, b in zip(bands, bands[1:])]
+    return np.column_stack([x, *cols]) if cols else x
 
 
 def _default_model() -> Path:
