@@ -89,7 +89,7 @@ class TrainConfig:
     out_dir: str = "runs/default"
     # defaults: the shipped models/default (see its README); the task mix (p_*) was chosen on
     # validation over two seeds (docs/model.md, "Screens and a scaling table on one GPU")
-    steps: int = 20000
+    steps: int = 40000
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.01

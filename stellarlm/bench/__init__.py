@@ -156,11 +156,12 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
                 if method == "xgboost":  # trees cut one feature at a time: a colour is not a cut on magnitudes
                     features = {s: with_colours(x[s], inputs) for s in x}
                 spec = {"method": method, "settings": _baseline_settings(method, caps, cfg.seed),
-                        "inputs": inputs, "colours": _colour_names(inputs) if method == "xgboost" else [],
-                        "labels": LABELS, "data": table.meta.get("name"),
+                        "inputs": inputs, "labels": LABELS, "data": table.meta.get("name"),
                         "n": {s: len(part[s]) for s in part}, "stars_per_split_caps": {s: caps[s] for s in part},
                         "seed": cfg.seed, "evaluated_on": cfg.evaluate_on, "code": _baselines_code_hash(),
                         "versions": _versions(method)}
+                if method == "xgboost" and _colour_names(inputs):  # only then: the other keys stay as they were
+                    spec["colours"] = _colour_names(inputs)
                 got = _cached_baseline(cache_dir, f"{key}_{method}", spec, features, y, e, reuse=cfg.baseline_cache,
                                        log=log, train=not cfg.cached_only)
                 if got is None:
