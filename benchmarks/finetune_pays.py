@@ -1,8 +1,9 @@
 """Does fine-tuning pay? [alpha/M] learnt as a new token from N labelled stars, against the same
 network trained from scratch on them, XGBoost and the task-specific MLP.
 
-The question it answers: a model pretrained WITHOUT [alpha/M] (``--pretrained``, e.g. trained with
-the ``alpha_m`` column removed from the embedded data) is given N stars with XP + G and [alpha/M].
+The question it answers: a model pretrained WITHOUT [alpha/M] (``--pretrained``: the shipped
+default's recipe with the token withheld, ``python train.py --out runs/no_alpha --without alpha_m``)
+is given N stars with XP + G and [alpha/M].
 Is the new token it learns better than what the same N stars teach a fresh network, or the bench's
 baselines? The shipped default model (which was trained on [alpha/M] from all 31,858 training
 stars) is fine-tuned the same way, and its own ``alpha_m`` answer drawn as the ceiling.

@@ -98,10 +98,12 @@ def _train(args) -> int:
     table = load_embedded(args.cache_dir)
     if args.max_stars:
         table = table.subset(slice(0, args.max_stars))
-    if args.without:
+    if args.without:  # token groups or single tokens: never an input, never a target
         for g in args.without:
-            table.vocab.group(g)  # raises on an unknown group name
-        table = table.select([n for n in table.names if table.vocab[n].group not in args.without])
+            if g not in table.vocab:
+                table.vocab.group(g)  # raises on a name that is neither a group nor a token
+        table = table.select([n for n in table.names if table.vocab[n].group not in args.without
+                              and n not in args.without])
     out = train(table, cfg, resume=args.resume, allow_config_change=args.allow_config_change)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 wrote it
         print(f"model written to {out}")
@@ -446,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --resume: continue even though options or data differ from the checkpoint's")
     tr.add_argument("--cache-dir", help="data cache directory")
     tr.add_argument("--max-stars", type=int, help="train on the first N stars only (quick runs)")
-    tr.add_argument("--without", nargs="*", default=[], help="token groups to leave out (e.g. lamost)")
+    tr.add_argument("--without", nargs="*", default=[],
+                    help="token groups or tokens to leave out, never given nor asked (e.g. lamost, alpha_m)")
     for cls in (TrainConfig, ModelConfig):
         hints = typing.get_type_hints(cls)
         for name, default in vars(cls()).items():

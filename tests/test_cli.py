@@ -1,5 +1,8 @@
 """The command line: query files in FITS, ECSV and CSV; data info; clear errors."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 from astropy.table import Table
@@ -71,3 +74,18 @@ def test_query_reads_a_gaia_archive_xp_file(tiny_model, tmp_path, product, extra
     t = read_xp_continuous(astroquery_example_files()["XP_CONTINUOUS"]["ecsv"], g_mag=[13.871])
     direct = model.query(t.observed(t.names), ["teff"])
     assert abs(out["teff"][0] - direct["teff"][0]) < 0.01 * direct["teff_err"][0]
+
+
+def test_train_without_a_group_and_a_single_token(small_embedded, tmp_path, capsys):
+    """--without takes token groups and single tokens: neither is ever given nor asked (the
+    fine-tuning experiment pretrains with [alpha/M] withheld this way); a name that is neither is refused."""
+    cache = str(Path(small_embedded.meta["path"]).parent)
+    tiny = ["--d-model", "16", "--n-heads", "2", "--n-encoder-layers", "1", "--n-decoder-layers", "1",
+            "--steps", "2", "--batch-size", "8", "--max-stars", "80", "--workers", "1", "--cache-dir", cache]
+    out = tmp_path / "no_alpha"
+    assert main(["train", "--out", str(out), "--without", "lamost", "alpha_m", *tiny]) == 0
+    trained = json.loads((out / "model.json").read_text())["trained_tokens"]
+    assert "alpha_m" not in trained and not any(n.startswith("lamost_") for n in trained)
+    assert {"teff", "logg", "m_h", "g"} <= set(trained)
+    assert main(["train", "--out", str(tmp_path / "bad"), "--without", "alpha_mh", *tiny]) != 0
+    assert "alpha_mh" in capsys.readouterr().err
