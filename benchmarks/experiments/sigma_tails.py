@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
+from val_labels import validation_truth
 
 from stellarlm.bench import INPUT_SETS, LABELS
 from stellarlm.bench.metrics import z_scores
@@ -21,9 +22,7 @@ if __name__ == "__main__":
     parser.add_argument("models", nargs="+")
     parser.add_argument("--factors", type=float, nargs="*", default=[1.0, 1.1, 1.2, 1.3, 1.5])
     args = parser.parse_args()
-    val = load_embedded().subset("val")
-    y = val.select(LABELS).values.astype(np.float64)
-    e = val.select(LABELS).errors.astype(np.float64)
+    val, y, e = validation_truth(load_embedded())
     for path in args.models:
         answer = StellarLM.load(path).predictive(val.observed(INPUT_SETS["xp_g"][1]), LABELS, batch_size=2048)
         mean, sigma = answer.moments()

@@ -152,16 +152,16 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
                 pits[method] = answer.convolved(e["test"]).cdf(y["test"])
                 info[method] = {}
             else:
-                features = x
-                if method == "xgboost":  # trees cut one feature at a time: a colour is not a cut on magnitudes
-                    features = {s: with_colours(x[s], inputs) for s in x}
+                # trees cut one feature at a time: a colour is not a cut on magnitudes
+                colours = _colour_pairs(inputs) if method == "xgboost" else []
+                features = {s: with_colours(x[s], inputs) for s in x} if colours else x
                 spec = {"method": method, "settings": _baseline_settings(method, caps, cfg.seed),
                         "inputs": inputs, "labels": LABELS, "data": table.meta.get("name"),
                         "n": {s: len(part[s]) for s in part}, "stars_per_split_caps": {s: caps[s] for s in part},
                         "seed": cfg.seed, "evaluated_on": cfg.evaluate_on, "code": _baselines_code_hash(),
                         "versions": _versions(method)}
-                if method == "xgboost" and _colour_names(inputs):  # only then: the other keys stay as they were
-                    spec["colours"] = _colour_names(inputs)
+                if colours:  # only then: the other baselines' cache keys stay as they were
+                    spec["colours"] = [f"{a}-{b}" for a, b in colours]
                 got = _cached_baseline(cache_dir, f"{key}_{method}", spec, features, y, e, reuse=cfg.baseline_cache,
                                        log=log, train=not cfg.cached_only)
                 if got is None:
@@ -226,9 +226,10 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
 COLOUR_ORDER = ["bp", "g", "rp", "j", "h", "k"]
 
 
-def _colour_names(inputs: list[str]) -> list[str]:
+def _colour_pairs(inputs: list[str]) -> list[tuple[str, str]]:
+    """The neighbouring bands (blue, red) both in ``inputs``, whose difference is a colour."""
     bands = [b for b in COLOUR_ORDER if b in inputs]
-    return [f"{a}-{b}" for a, b in zip(bands, bands[1:])]
+    return list(zip(bands, bands[1:]))
 
 
 def with_colours(x: np.ndarray, inputs: list[str]) -> np.ndarray:
@@ -238,8 +239,7 @@ def with_colours(x: np.ndarray, inputs: list[str]) -> np.ndarray:
     >>> with_colours(np.array([[12.0, 12.4, 11.5]]), ["g", "bp", "rp"])
     array([[12. , 12.4, 11.5,  0.4,  0.5]])
     """
-    bands = [b for b in COLOUR_ORDER if b in inputs]
-    cols = [x[:, inputs.index(a)] - x[:, inputs.index(b)] for a, b in zip(bands, bands[1:])]
+    cols = [x[:, inputs.index(a)] - x[:, inputs.index(b)] for a, b in _colour_pairs(inputs)]
     return np.column_stack([x, *cols]) if cols else x
 
 
