@@ -1,14 +1,22 @@
 """Post-hoc calibration of the predicted uncertainties on the validation split.
 
 Training minimises the NLL on training stars, which the network fits better than unseen ones, so a
-long run's sigmas come out too small (the shipped model: std of z 1.32 for Teff on the validation
-split, where z = (pred - true) / sqrt(sigma_pred^2 + sigma_true^2)). :func:`fit_sigma_scale` finds,
-per wanted token, the factor s on sigma_pred that makes the mean of z^2 one on validation stars,
-and :func:`calibrate` stores it in the model's JSON file (``sigma_scale``), which
-:meth:`stellarlm.StellarLM.query` applies (normalised units, before conversion to physical ones).
+long run's sigmas come out too small, and its errors have heavier tails than its answers: on the
+validation split most stars' errors are a little *inside* their sigmas, while a few percent of stars
+the network is sure of are far off (z = (pred - true) / sqrt(sigma_pred^2 + sigma_true^2) beyond 5).
+One factor on every sigma cannot fix both: wide enough for the tails, the 68% intervals cover 80%.
 
-Stars with |z| > ``clip`` (before scaling) are left out of the fit: a handful of labels that
-disagree wildly with the spectrum (e.g. an APOGEE Teff of 16,600 K for a star with BP - RP = 3)
+:func:`fit_tail_calibration` (the default) fits three numbers per wanted token by maximum
+likelihood of the validation labels: a factor on the answer's width (``sigma_scale``), and the
+weight and width of a broad Gaussian component at the answer's mean (``sigma_tail``: "with
+probability 0.05 the answer is 3.2 times wider"). :func:`calibrate` stores them in the model's JSON
+file and :meth:`stellarlm.StellarLM.query` applies them (:meth:`Predictive.widened`,
+:meth:`Predictive.with_tail`): an answer's ``_err`` is then its whole mixture's standard deviation,
+tails included, and its central 68% interval (``predictive(...).quantile``) comes from the core.
+:func:`fit_sigma_scale` is the older single factor (``stellarlm calibrate --no-tail``).
+
+Stars more than ``clip`` sigmas off before calibration are left out of the fits: a handful of labels
+that disagree wildly with the spectrum (e.g. an APOGEE Teff of 16,600 K for a star with BP - RP = 3)
 would otherwise set the width for every star. Fit on the validation split only, never the test.
 
 Example::
@@ -24,10 +32,13 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from .errors import BadValueError
+from .predictive import Predictive
 
-CLIP = 5.0
+CLIP = 5.0  # fit_sigma_scale: one factor, fitted on the core
+TAIL_CLIP = 20.0  # fit_tail_calibration: the tail component models what lies between
 
 
 def fit_sigma_scale(pred: np.ndarray, sigma: np.ndarray, truth: np.ndarray, truth_err: np.ndarray,
@@ -63,26 +74,121 @@ def fit_sigma_scale(pred: np.ndarray, sigma: np.ndarray, truth: np.ndarray, trut
     return float(np.exp(0.5 * (lo + hi)))
 
 
-def calibrate(model_dir: str | os.PathLike, inputs: Sequence[str], want: Sequence[str], cache_dir=None,
-              clip: float = CLIP) -> dict[str, float]:
-    """Fit :func:`fit_sigma_scale` for each of ``want`` from ``inputs`` on the validation split of the
-    embedded data, write the factors into ``model_dir``'s JSON file, and return them."""
+def fit_tail_calibration(answer: Predictive, truth: np.ndarray, truth_err: np.ndarray,
+                         clip: float = TAIL_CLIP) -> tuple[float, float, float]:
+    """(scale, tail weight, tail width) maximising the likelihood of ``truth`` (n_stars,) under
+    ``answer`` (one name) widened by ``scale`` and given a tail component (:meth:`Predictive.with_tail`),
+    each convolved with the label's own error ``truth_err``. Stars more than ``clip`` standard
+    deviations off at scale 1 are left out.
+
+    >>> rng = np.random.default_rng(0)
+    >>> n = 40_000
+    >>> truth = np.where(rng.random(n) < 0.1, rng.normal(0, 6.0, n), rng.normal(0, 1.2, n))
+    >>> one = np.ones((n, 1, 1))
+    >>> scale, weight, width = fit_tail_calibration(Predictive(["x"], one, 0 * one, one), truth, np.zeros(n))
+    >>> round(scale, 1), round(weight, 2), round(width, 1)   # the core 1.2 wide, 10% five times wider
+    (1.2, 0.1, 5.0)
+    """
+    w, mu, sd = (torch.as_tensor(np.asarray(a, np.float64)[:, 0]) for a in (answer.weight, answer.mean, answer.sigma))
+    centre, std = (torch.as_tensor(a[:, 0]) for a in answer.moments())
+    y = torch.as_tensor(np.asarray(truth, np.float64))
+    e2 = torch.as_tensor(np.nan_to_num(np.asarray(truth_err, np.float64))) ** 2
+    ok = torch.isfinite(y) & torch.isfinite(centre) & (std > 0) & ((y - centre) ** 2 <= clip ** 2 * (std ** 2 + e2))
+    if ok.sum() < 10:
+        raise BadValueError(f"fit_tail_calibration needs at least 10 stars with finite answers, got {int(ok.sum())}")
+    w, mu, sd, centre, std, y, e2 = (a[ok] for a in (w, mu, sd, centre, std, y, e2))
+    log_w = torch.log(w.clamp_min(1e-300))
+
+    def unpack(t):  # log s, logit eps, log(k - 1)
+        return t[0].exp(), torch.sigmoid(t[1]), 1 + t[2].exp()
+
+    def nll(theta):
+        s, eps, k = unpack(theta)
+        m = centre[:, None] + s * (mu - centre[:, None])  # Predictive.widened
+        v = (s * sd) ** 2 + e2[:, None]
+        core = torch.logsumexp(log_w - 0.5 * (y[:, None] - m) ** 2 / v - 0.5 * torch.log(v), -1)
+        vt = (k * s * std) ** 2 + e2
+        tail = -0.5 * (y - centre) ** 2 / vt - 0.5 * torch.log(vt)
+        return -torch.logaddexp(torch.log1p(-eps) + core, torch.log(eps) + tail).mean()
+
+    best = None
+    for width in (2.0, 4.0, 8.0, 16.0):  # the likelihood has a local optimum per tail width
+        theta = torch.tensor([0.0, -3.0, np.log(width - 1)], dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([theta], lr=1, max_iter=200, line_search_fn="strong_wolfe", tolerance_grad=1e-9)
+
+        def closure():
+            opt.zero_grad()
+            loss = nll(theta)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        with torch.no_grad():
+            loss = float(nll(theta))
+        if np.isfinite(loss) and (best is None or loss < best[0]):
+            best = (loss, theta.detach().clone())
+    s, eps, k = (float(x) for x in unpack(best[1]))
+    return s, eps, k
+
+
+def calibrate(model_dir: str | os.PathLike, inputs: Sequence[str] | None, want: Sequence[str], cache_dir=None,
+              clip: float | None = None, tail: bool = True, by_inputs: bool = True) -> dict[str, float]:
+    """Fit the calibration of each of ``want`` on the validation split of the embedded data
+    (:func:`fit_tail_calibration`, or with ``tail=False`` :func:`fit_sigma_scale`), write it into
+    ``model_dir``'s JSON file, and return the scale factors of stars with XP.
+
+    Each kind of input (``stellarlm.query.INPUT_KINDS``) has its own: stars with XP from ``inputs``
+    (default XP + G; ``sigma_scale``, ``sigma_tail``), and with ``by_inputs`` (``sigma_by_inputs``),
+    stars with a LAMOST-like spectrum and no XP from the spectrum alone, and stars with photometry
+    and neither spectrum from the photometry (G, BP, RP, J, H, Ks) alone: a network is
+    over-confident from one kind of input and under-confident from another. A kind whose inputs the
+    model was not trained on, and answers given only labels, parallax or extinction (e.g. the
+    stellar loci), stay uncalibrated. Without ``by_inputs`` the XP kind's calibration serves every
+    star. Refitting starts from the network's own answers."""
     from .data.embedded import load_embedded
-    from .query import StellarLM
-    from .tasks import ask
     from .integrity import atomic_write, write_checksums
+    from .query import INPUT_KINDS, StellarLM
     from .training import META_FILE, WEIGHTS_FILE, load_model
+    from .vocab import XP_NAMES
 
     net, vocab, meta = load_model(model_dir)
-    model = StellarLM(net, vocab, {**meta, "sigma_scale": {}})  # fit on the uncalibrated sigmas
+    bare = {k: v for k, v in meta.items() if k not in ("sigma_scale", "sigma_tail", "sigma_by_inputs")}
+    model = StellarLM(net, vocab, bare)  # fit on the uncalibrated answers
     val = load_embedded(cache_dir).subset("val")
-    pred, sigma = ask(model, val.observed(inputs), list(want), batch_size=1024)
     truth = val.select(list(want))
-    scale = {name: fit_sigma_scale(pred[:, j], sigma[:, j], truth.values[:, j], truth.errors[:, j], clip)
-             for j, name in enumerate(want)}
-    meta["sigma_scale"] = {k: round(v, 4) for k, v in scale.items()}
-    meta["sigma_scale_fit"] = {"split": "val", "inputs": list(inputs), "clip": clip, "n_stars": len(val)}
+    clip = (TAIL_CLIP if tail else CLIP) if clip is None else clip
+    kinds = {"xp": list(inputs or XP_NAMES + ["g"])}
+    if by_inputs:
+        kinds["lamost"] = [n for n in val.names if vocab[n].group == "lamost"]
+        kinds["photometry"] = ["g", "bp", "rp", "j", "h", "k"]
+    fits, fitted_on = {}, {}
+    for kind, names in kinds.items():
+        names = [n for n in names if n in val.names]
+        if not names or not set(names) <= model.trained_tokens or not set(want) <= model.trained_tokens:
+            continue
+        observed = val.observed(names)
+        has = np.isfinite(np.column_stack([observed[n] for n in names])).any(1)
+        answer = model.predictive({k: v[has] for k, v in observed.items()}, list(want), batch_size=1024)
+        cal = {"sigma_scale": {}, "sigma_tail": {}}
+        for j, name in enumerate(want):
+            y, e = truth.values[has, j], truth.errors[has, j]
+            if tail:
+                scale, weight, width = fit_tail_calibration(answer[name], y, e, clip)
+                cal["sigma_tail"][name] = [round(weight, 5), round(width, 4)]
+            else:
+                mean, sigma = answer[name].moments()
+                scale = fit_sigma_scale(mean[:, 0], sigma[:, 0], y, e, clip)
+            cal["sigma_scale"][name] = round(scale, 4)
+        fits[kind] = {k: v for k, v in cal.items() if v}
+        fitted_on[kind] = {"inputs": names if len(names) < 20 else f"{len(names)} tokens", "n_stars": int(has.sum())}
+    if "xp" not in fits:
+        raise BadValueError(f"calibrate: the model was not trained on the inputs {kinds['xp'][:5]}... or on {list(want)}")
+    meta = {**bare, **fits.pop("xp")}
+    if by_inputs:  # an empty entry: that kind stays uncalibrated
+        meta["sigma_by_inputs"] = {kind: fits.get(kind, {}) for kind in INPUT_KINDS if kind != "xp"}
+    meta["sigma_scale_fit"] = {"split": "val", "clip": clip, "kinds": fitted_on, "kind_order": list(INPUT_KINDS),
+                               "method": "scale and tail (fit_tail_calibration)" if tail else "scale (fit_sigma_scale)"}
     atomic_write(Path(model_dir) / META_FILE, lambda p: p.write_text(json.dumps(meta, indent=1)))
     # model.json changed on purpose: its checksum with it (load_model verifies them)
     write_checksums(model_dir, [WEIGHTS_FILE, META_FILE])
-    return scale
+    return meta["sigma_scale"]

@@ -6,7 +6,7 @@
     stellarlm train --out DIR [--steps N] [--resume] ...      train a model on the embedded data
     stellarlm query --model DIR --input stars.fits --want teff logg m_h --output out.fits
     stellarlm demo [--model DIR]                               the shipped model on held-out stars
-    stellarlm calibrate --model DIR                           fit the sigma scale on the validation split
+    stellarlm calibrate --model DIR                           fit the sigma scale and tail on the validation split
     stellarlm label INPUT... --model DIR --out DIR [--want ...]  label survey files, resumable, per torchrun rank
     stellarlm finetune --base default --data my.fits --new-token NAME:UNIT[:DESCRIPTION] --out DIR  teach new tokens
     stellarlm index build --model DIR --out INDEX [--split train] [--view xp]   embeddings to search
@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import typing
@@ -66,8 +67,17 @@ def _calibrate(args) -> int:
     from .calibration import calibrate
     from .vocab import XP_NAMES
 
-    scale = calibrate(args.model, args.inputs or XP_NAMES + ["g"], args.want, args.cache_dir)
-    print("sigma scale (validation split): " + ", ".join(f"{k} {v:.3f}" for k, v in scale.items()))
+    calibrate(args.model, args.inputs or XP_NAMES + ["g"], args.want, args.cache_dir, args.clip, args.tail,
+              args.by_inputs)
+    meta = json.loads((Path(args.model) / "model.json").read_text())
+    for kind, cal in {"xp": meta, **meta.get("sigma_by_inputs", {})}.items():
+        if not cal:
+            print(f"{kind:10s} uncalibrated")
+            continue
+        tail = cal.get("sigma_tail", {})
+        print(f"{kind:10s} scale" + (" / tail weight / tail width" if tail else "") + ": " + ", ".join(
+            f"{k} {v:.3f}" + (f" / {tail[k][0]:.3f} / {tail[k][1]:.2f}" if k in tail else "")
+            for k, v in cal["sigma_scale"].items()))
     return 0
 
 
@@ -253,7 +263,7 @@ def _bench(args) -> int:
     cfg = BenchConfig(model=args.model, out_dir=args.out, cache_dir=args.cache_dir, quick=args.quick,
                       methods=tuple(args.methods), input_sets=tuple(args.inputs), evaluate_on=args.split,
                       baseline_cache=not args.no_baseline_cache, baseline_cache_dir=args.baseline_cache_dir,
-                      cached_only=args.cached_only)
+                      cached_only=args.cached_only, keep_speed=args.keep_speed)
     try:
         result = run_benchmark(cfg, log=lambda msg: print(msg, file=sys.stderr))
     except (ImportError, ValueError) as exc:
@@ -514,11 +524,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .bench import INPUT_SETS, LABELS, METHODS
 
-    cal = sub.add_parser("calibrate", help="scale a model's sigmas so that z has unit spread on the validation split")
+    cal = sub.add_parser("calibrate", help="fit a model's sigma scale and tail on the validation split")
     cal.add_argument("--model", required=True, help="model directory; its model.json gets the factors")
     cal.add_argument("--cache-dir", help="data cache directory")
-    cal.add_argument("--inputs", nargs="+", default=None, help="given tokens (default: XP + G)")
+    cal.add_argument("--inputs", nargs="+", default=None, help="given tokens for stars with XP (default: XP + G)")
     cal.add_argument("--want", nargs="+", default=LABELS, help="tokens to calibrate (default: the bench's labels)")
+    cal.add_argument("--no-tail", dest="tail", action="store_false",
+                     help="one factor on the sigmas only, no tail component (the calibration of earlier models)")
+    cal.add_argument("--xp-only", dest="by_inputs", action="store_false",
+                     help="one calibration for every star, fitted on --inputs (default: stars without XP get "
+                          "their own, fitted on the LAMOST-like spectrum or the photometry alone; answers "
+                          "given only labels, parallax or extinction stay uncalibrated)")
+    cal.add_argument("--clip", type=float, help="leave out stars more sigmas off than this (default 20; 5 with --no-tail)")
     cal.set_defaults(func=_calibrate)
 
     bench = sub.add_parser("bench", help="accuracy, calibration and speed vs XGBoost, MLPs and kNN (test split)")
@@ -536,6 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--baseline-cache-dir", help="baseline result cache (default: OUT/baseline_cache)")
     bench.add_argument("--cached-only", action="store_true",
                        help="run only the baselines with a cached result; list the others as not run")
+    bench.add_argument("--keep-speed", action="store_true",
+                       help="keep the speed figures of OUT/bench.json if they were measured on the same weights "
+                            "(a rerun after a new calibration, on a machine busy with other work)")
     bench.set_defaults(func=_bench)
 
     index = sub.add_parser("index", help="similarity-search indices of star embeddings").add_subparsers(

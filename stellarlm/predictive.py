@@ -54,11 +54,29 @@ class Predictive:
         return m, np.sqrt(var)
 
     def widened(self, factor: np.ndarray) -> Predictive:
-        """Each answer stretched about its mean by ``factor`` (one per name): its standard
-        deviation times ``factor``, its shape and mean unchanged (how a calibration applies)."""
-        f = np.asarray(factor, dtype=np.float64)[None, :, None]
+        """Each answer stretched about its mean by ``factor`` (one per name, or per star and name):
+        its standard deviation times ``factor``, its shape and mean unchanged (how a calibration applies)."""
+        f = _per_answer(factor)
         centre = self.moments()[0][..., None]
         return Predictive(self.names, self.weight, centre + f * (self.mean - centre), f * self.sigma)
+
+    def with_tail(self, weight: np.ndarray, width: np.ndarray) -> Predictive:
+        """Each answer with a broad component added: with probability ``weight`` (one per name) the
+        value comes from a Gaussian at the answer's mean, ``width`` times its standard deviation wide
+        (both one per name, or per star and name);
+        the rest of the answer keeps its shape, its weights scaled by 1 - ``weight``. This is how a
+        calibration gives answers the tails seen on the validation split (a few stars the network is
+        sure of and wrong about), without widening the core every star's 68% interval comes from.
+
+        >>> p = Predictive(["teff"], np.ones((1, 1, 1)), np.full((1, 1, 1), 5000.0), np.full((1, 1, 1), 50.0))
+        >>> t = p.with_tail([0.1], [5.0])
+        >>> t.weight.shape, round(float(t.moments()[1][0, 0]), 1)   # sqrt(0.9 + 0.1 * 25) * 50
+        ((1, 1, 2), 92.2)
+        """
+        w, k = _per_answer(weight), _per_answer(width)
+        centre, std = (x[..., None] for x in self.moments())
+        return Predictive(self.names, np.concatenate([self.weight * (1 - w), np.broadcast_to(w, centre.shape)], -1),
+                          np.concatenate([self.mean, centre], -1), np.concatenate([self.sigma, k * std], -1))
 
     def convolved(self, error: np.ndarray) -> Predictive:
         """The answer as a measurement with Gaussian ``error`` (n_stars, n_names; NaN: none) would
@@ -104,6 +122,12 @@ class Predictive:
         """The answer for one name (keeps the names axis, of length 1)."""
         j = self.names.index(name)
         return Predictive([name], self.weight[:, [j]], self.mean[:, [j]], self.sigma[:, [j]])
+
+
+def _per_answer(x) -> np.ndarray:
+    """(n_names,) or (n_stars, n_names) numbers -> broadcastable against (n_stars, n_names, n_components)."""
+    x = np.asarray(x, dtype=np.float64)
+    return x[None, :, None] if x.ndim == 1 else x[..., None]
 
 
 def stack(parts: Sequence[Predictive]) -> Predictive:

@@ -72,6 +72,34 @@ def _split_mask(col):
     return col, None
 
 
+INPUT_KINDS = ("xp", "lamost", "photometry", "other")  # what an answer is calibrated as (stellarlm.calibration)
+
+
+def input_kind(vocab: Vocabulary, ids: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """Each star's kind of input, an index into ``INPUT_KINDS``: 0 with any XP coefficient, else 1
+    with any LAMOST-like flux, else 2 with any photometry, else 3 (labels, parallax, extinction
+    only). ``present``: (n, len(ids))."""
+    group = np.array([vocab.tokens[i].group for i in ids])
+    kind = np.full(len(present), 3)
+    for k, groups in ((2, ("photometry",)), (1, ("lamost",)), (0, ("xp_bp", "xp_rp"))):
+        kind[(present & np.isin(group, groups)).any(1)] = k
+    return kind
+
+
+def calibration_tables(meta: dict, vocab: Vocabulary) -> list[np.ndarray]:
+    """Per kind of input (``INPUT_KINDS``), a (n_vocab, 3) array of scale, tail weight and tail width:
+    the XP kind's from a model's ``sigma_scale`` and ``sigma_tail``, the others' from
+    ``sigma_by_inputs`` (an empty entry: none). A model without ``sigma_by_inputs`` (calibrated
+    before it existed) applies its one calibration to every kind. None: scale 1, no tail."""
+    def table(cal: dict) -> np.ndarray:
+        scale, tail = cal.get("sigma_scale", {}), cal.get("sigma_tail", {})
+        return np.array([[scale.get(t.name, 1.0), *tail.get(t.name, (0.0, 1.0))] for t in vocab.tokens],
+                        dtype=np.float64).reshape(-1, 3)
+
+    own = meta.get("sigma_by_inputs", {})
+    return [table(own.get(kind, meta)) for kind in INPUT_KINDS]
+
+
 class StellarLM:
     """A trained stellarlm model with its vocabulary, behind a query API."""
 
@@ -83,9 +111,8 @@ class StellarLM:
         self.trained_tokens = set(meta.get("trained_tokens", vocab.names))
         typical = meta.get("typical_error", {})
         self._typical_error = np.array([typical.get(t.name, 0.1) for t in vocab.tokens], dtype=np.float64)
-        # factors on the predicted sigmas fitted on the validation split (stellarlm.calibration); 1 if none
-        scale = meta.get("sigma_scale", {})
-        self._sigma_scale = np.array([scale.get(t.name, 1.0) for t in vocab.tokens], dtype=np.float64)
+        # the calibration fitted on the validation split (stellarlm.calibration), per kind of input
+        self._calibration = calibration_tables(meta, vocab)
         self.path = None  # the model directory, for a model read by load()
         self._sha256 = None
         self._anomaly_calibration = None  # made on first use of anomaly() when model.json has none
@@ -317,8 +344,9 @@ class StellarLM:
         self._check_inputs(values, errors)
         show = progress if progress is not None else n > 50_000
         q_ids = torch.as_tensor(want_ids, device=self.device)
-        parts = []
+        parts, kinds = [], []
         for _, (ids, vn, en, present, empty) in self._batches(values, errors, n, batch_size, show):
+            kinds.append(input_kind(self.vocab, ids, present))
             weight, mean, sigma = self._predict(ids, vn, en, present, q_ids)
             # each component to physical units on its own: the normalisation is not linear
             # (Vocabulary.normalise), so a wide mixture's moments are taken after it
@@ -326,8 +354,18 @@ class StellarLM:
             for a in (weight, mean, sigma):
                 a[empty] = np.nan
             parts.append(Predictive(want, weight, mean, sigma))
-        answer = stack(parts).widened(self._sigma_scale[want_ids])
-        return answer, passthrough
+        return self._calibrated(stack(parts), want_ids, np.concatenate(kinds)), passthrough
+
+    def _calibrated(self, answer: Predictive, want_ids: np.ndarray, kinds: np.ndarray) -> Predictive:
+        """The network's answer with the validation split's calibration applied (stellarlm.calibration):
+        each star's by the kind of its input (:func:`input_kind`): widened by its scale, then given
+        its tail component."""
+        scale, weight, width = (np.empty((len(kinds), len(want_ids))) for _ in range(3))
+        for k, table in enumerate(self._calibration):
+            rows = kinds == k
+            scale[rows], weight[rows], width[rows] = table[want_ids].T[:, None, :]
+        answer = answer.widened(scale)
+        return answer.with_tail(weight, width) if np.any(weight > 0) else answer
 
     def _predict(self, ids, vn, en, present, q_ids):
         """One batch -> the mixture's (b, Q, K) weights, means and sigmas in normalised units. Each

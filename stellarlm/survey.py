@@ -239,6 +239,7 @@ class Labeller:
         import torch
 
         from .predictive import Predictive, stack
+        from .query import input_kind
 
         lm = self.lm
         vn, en = lm.vocab.normalise(values, self.in_ids, errors)
@@ -271,7 +272,7 @@ class Labeller:
                              (logweight.exp(), mean, torch.exp(0.5 * logvar.float())))
                 mu, sd = lm.vocab.denormalise(mu, self.want_ids[:, None], sd)
                 parts.append(Predictive(self.want, w / w.sum(-1, keepdims=True), mu, sd))
-        answer = stack(parts).widened(lm._sigma_scale[self.want_ids])
+        answer = lm._calibrated(stack(parts), self.want_ids, input_kind(lm.vocab, self.in_ids, present))
         for a in (answer.weight, answer.mean, answer.sigma):
             a[empty] = np.nan
         return answer

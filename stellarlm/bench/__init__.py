@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..integrity import sha256_file
 from ..vocab import LAMOST_NAMES, XP_NAMES
 from .metrics import G_BINS, TEFF_BINS, binned_metrics, calibration_metrics, residual_metrics, z_scores
 
@@ -86,6 +87,10 @@ class BenchConfig:
     # only the baselines with a cached result: the others are listed as not run (``skipped`` in
     # bench.json), so a new model can be measured in minutes while slow baselines are still training
     cached_only: bool = False
+    # the speed section of the previous bench.json in out_dir, marked with its date, instead of a new
+    # measurement: for a rerun whose model weights are unchanged (e.g. a new calibration) on a
+    # machine busy with other work, where a new measurement would be the load's, not the model's
+    keep_speed: bool = False
 
 
 # xgb_*: XGBoost's most rounds (early stopping on validation picks fewer) and its grid of depth x
@@ -125,6 +130,7 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
         part = table.subset(cfg.evaluate_on if s == "test" else s)
         split[s] = part.subset(slice(0, caps[s])) if caps[s] else part
     result = {"date": time.strftime("%Y-%m-%d"), "quick": cfg.quick, "evaluated_on": cfg.evaluate_on, "model": model_dir,
+              "model_sha256": sha256_file(Path(model_dir) / "model.safetensors"),
               "model_parameters": model.model.n_parameters(), "machine": machine(), "labels": LABELS,
               "n": {s: len(split[s]) for s in split}, "data": table.meta.get("name"),
               "config": {**asdict(cfg), "caps": caps}, "input_sets": {}, "plots": []}
@@ -201,8 +207,18 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
             z_histograms(path, z, f"{description}: (pred - APOGEE) / combined sigma, {cfg.evaluate_on} split")
             result["plots"].append(path.name)
 
-    if "stellarlm" in cfg.methods:
+    previous = out_dir / "bench.json"
+    kept = json.loads(previous.read_text()) if cfg.keep_speed and previous.exists() else {}
+    if "stellarlm" in cfg.methods and "speed" in kept and kept.get("model_sha256") == result.get("model_sha256"):
+        log("[bench] speed: kept from the previous run (same weights)")
+        result["speed"], result["training_seconds"] = kept["speed"], kept.get("training_seconds")
+        result["speed_measured"] = kept.get("speed_measured", kept.get("date"))
+        result["speed_kept"] = True
+    elif "stellarlm" in cfg.methods:
+        if cfg.keep_speed:
+            log("[bench] speed: no previous measurement of these weights to keep; measuring")
         log("[bench] speed")
+        result["speed_measured"] = time.strftime("%Y-%m-%d %H:%M")
         test = split["test"]
         obs = {n: test.column(n) for n in INPUT_SETS["xp_g"][1]}
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -451,8 +467,10 @@ def to_markdown(result: dict) -> str:
                     cells.append(" / ".join(_fmt(p["robust_scatter"], x) for p, x in zip(per, ("teff", "logg", "m_h"))))
                 lines.append(f"| {b['lo']:g}-{b['hi']:g} ({b['n']}) | " + " | ".join(cells) + " |")
     if "speed" in result:
+        when = (f"; measured {result['speed_measured']} on these weights, before this run's calibration or tables"
+                if result.get("speed_kept") else "")
         lines += ["", f"**Speed** (stellarlm, {result['model_parameters']:,} parameters; "
-                  f"trained for {result.get('training_seconds') or '?'} s):", "",
+                  f"trained for {result.get('training_seconds') or '?'} s{when}):", "",
                   "| device | " + " | ".join(f"stars/s at batch {b}" for b in result["config"]["batch_sizes"])
                   + " | training samples/s |", "|---|" + "---|" * (len(result["config"]["batch_sizes"]) + 1)]
         for device, s in result["speed"].items():
