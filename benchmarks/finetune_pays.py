@@ -223,9 +223,34 @@ def run(args) -> dict:
               "target": target, "inputs": "XP + G", "n_test": len(test), "new_token": new_name,
               "ceiling": scores(np.asarray(answer[target]), np.asarray(answer[f"{target}_err"]), truth, truth_err),
               "runs": done, "summary": summarise(done)}
-    (out / f"finetune_pays_{target}{'_quick' if args.quick else ''}.json").write_text(json.dumps(result, indent=1))
-    plot(result, out / f"finetune_pays_{target}{'_quick' if args.quick else ''}.png")
+    stem = out / f"finetune_pays_{target}{'_quick' if args.quick else ''}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    stem.with_suffix(".md").write_text(to_markdown(result))
+    plot(result, stem.with_suffix(".png"))
     return result
+
+
+def to_markdown(result: dict) -> str:
+    """The summary as a table: per method and N, the median robust scatter over the draws (their
+    range), the median z std and the median CPU seconds."""
+    unit = TARGETS[result["target"]][0]
+    sizes = sorted({r["n"] for r in result["runs"]})
+    ceiling = result["ceiling"]
+    lines = [f"XP + G -> {result['target']} [{unit}] learnt from N stars, test split ({result['n_test']} stars): "
+             "robust scatter, median over the draws (range), z std, CPU seconds (median). "
+             f"Ceiling, the shipped model's own {result['target']} (all training stars): "
+             f"{ceiling['robust_scatter']:.4g} (z std {ceiling['z_std']:.2f}).", "",
+             "| method | " + " | ".join(f"N = {n:,}" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
+    for method, per_n in result["summary"].items():
+        cells = []
+        for n in sizes:
+            v = per_n.get(str(n))
+            cells.append("" if v is None else
+                         f"{v['scatter_median']:.4g} ({v['scatter_min']:.4g}-{v['scatter_max']:.4g}), "
+                         + (f"z {v['z_std_median']:.2f}, " if np.isfinite(v["z_std_median"]) else "")
+                         + f"{v['cpu_seconds_median']:,.0f} s" + (f" [{v['draws']} draws]" if v["draws"] != 3 else ""))
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def summarise(runs: list[dict]) -> dict:

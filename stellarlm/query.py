@@ -284,7 +284,9 @@ class StellarLM:
         """Predict the ``want`` tokens (mean and 1-sigma) for every star in ``observed``.
 
         The mean and sigma are the moments of the model's predictive distribution, which may have
-        several modes (:meth:`predictive` gives it whole).
+        several modes (:meth:`predictive` gives it whole) and, once calibrated on the validation
+        split (:mod:`stellarlm.calibration`), heavy tails: sigma counts them, so the central 68%
+        interval (``predictive(...).quantile(0.16)`` to ``quantile(0.84)``) is often narrower.
 
         Raises UnknownTokenError for an unknown name (with suggestions), BadValueError for an
         infinite value, a non-1-D column, empty input, a wanted name that is also given, or a
