@@ -97,7 +97,7 @@ def random_base(pretrained: str, seed: int) -> StellarLM:
     net, vocab, meta = load_model(pretrained)
     torch.manual_seed(seed)
     fresh = StellarTransformer(ModelConfig(**{**vars(net.cfg)}))
-    meta = {k: v for k, v in meta.items() if k not in ("sigma_scale", "sigma_tail", "sigma_scale_fit")}
+    meta = {k: v for k, v in meta.items() if not k.startswith("sigma_")}
     return StellarLM(fresh, vocab, meta)
 
 

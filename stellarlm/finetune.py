@@ -43,7 +43,7 @@ the old answers as they were (an adapter changes the shared matrices' output for
 alike); what does is stage (a), which is the default, and stage (b)'s low rate, early stopping on
 the new tokens' validation loss and its log of the old tokens' validation loss (``val_loss_old``
 in ``metrics.jsonl``) keep and show how far it moves. A model whose backbone changed loses its
-sigma calibration (``sigma_scale``, ``sigma_tail``; rerun ``stellarlm calibrate``).
+sigma calibration (``sigma_*``; rerun ``stellarlm calibrate``).
 
 Example
 -------
@@ -720,7 +720,7 @@ def _finetune_locked(model: StellarTransformer, base_vocab: Vocabulary, base_met
         final.load_state_dict(run["best_state"])
     summary = _summary(run)
     if run["best_stage"] != "unfrozen":  # every old answer is the base model's: its calibration holds
-        for key in ("sigma_scale", "sigma_tail", "sigma_scale_fit"):
+        for key in ("sigma_scale", "sigma_tail", "sigma_by_inputs", "sigma_scale_fit"):
             if key in base_meta:
                 extra[key] = base_meta[key]
     summary["test"] = _test_scores(final, vocab, {**extra, "step": run["step"]}, table, names, device)

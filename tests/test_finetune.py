@@ -125,7 +125,8 @@ def test_finetuning_learns_a_new_token_better_than_the_median_and_than_scratch(b
     # only the new rows were trained: every old answer is the base model's, bit for bit
     assert _same(model.query(test.observed(XP_G), LABELS), tuned_model.query(test.observed(XP_G), LABELS))
     result = tuned_model.meta["finetune"]
-    assert not result["backbone_changed"] and all(tuned_model.meta.get(k) == model.meta.get(k) for k in ("sigma_scale", "sigma_tail"))
+    assert not result["backbone_changed"]
+    assert all(tuned_model.meta.get(k) == model.meta.get(k) for k in ("sigma_scale", "sigma_tail", "sigma_by_inputs"))
 
 
 def test_a_finetuned_checkpoint_is_an_ordinary_model(base, tuned, small_embedded):
