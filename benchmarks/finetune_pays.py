@@ -94,13 +94,12 @@ def draw_rows(table, target: str, n: int, seed: int):
     return part, split
 
 
-def random_base(pretrained: str, seed: int) -> StellarLM:
-    """The pretrained model's architecture, vocabulary and question mix with freshly drawn weights."""
-    net, vocab, meta = load_model(pretrained)
+def random_base(cfg: ModelConfig, vocab, meta: dict, seed: int) -> StellarLM:
+    """The pretrained model's architecture (``cfg``), vocabulary and question mix (``meta``) with
+    freshly drawn weights and no calibration."""
     torch.manual_seed(seed)
-    fresh = StellarTransformer(ModelConfig(**{**vars(net.cfg)}))
     meta = {k: v for k, v in meta.items() if not k.startswith("sigma_")}
-    return StellarLM(fresh, vocab, meta)
+    return StellarLM(StellarTransformer(cfg), vocab, meta)
 
 
 def scores(pred: np.ndarray, sigma: np.ndarray | None, truth: np.ndarray, truth_err: np.ndarray) -> dict:
@@ -141,8 +140,10 @@ def run(args) -> dict:
         if not args.quick:
             raise SystemExit("--pretrained is required (a model trained without the target), except with --quick")
         pretrained = str(quick_pretrained(table, target, work / "pretrained", args.device))
-    if target in load_model(pretrained)[2].get("trained_tokens", [target]):
+    base_net, base_vocab, base_meta = load_model(pretrained)
+    if target in base_meta.get("trained_tokens", [target]):
         raise SystemExit(f"{pretrained} was trained on {target}: pretrain it with --without {target}")
+    scratch_lr = base_meta.get("train_config", {}).get("lr", TrainConfig().lr)  # pretraining's rate
     log_path = out / f"runs_{target}{'_quick' if args.quick else ''}.jsonl"
     if args.quick and log_path.exists():
         log_path.unlink()
@@ -160,8 +161,8 @@ def run(args) -> dict:
         print(f"{target} N={rec['n']:5d} draw {rec['draw']} {rec['method']:24s} scatter {rec['robust_scatter']:.4f} "
               f"z std {rec['z_std']:.2f} ({rec['seconds']:.0f} s, {rec['cpu_seconds']:.0f} CPU s)", flush=True)
 
-    def ask(model_dir) -> dict:
-        a = StellarLM.load(model_dir, device=args.device).query(test.observed(INPUTS), [new_name], batch_size=2048)
+    def ask(model: StellarLM) -> dict:
+        a = model.query(test.observed(INPUTS), [new_name], batch_size=2048)
         return scores(np.asarray(a[new_name]), np.asarray(a[f"{new_name}_err"]), truth, truth_err)
 
     for n in caps["sizes"]:
@@ -180,24 +181,23 @@ def run(args) -> dict:
                 where, clock = work / f"ft-{target}-{base_name}-{n}-{draw}", Clock()
                 finetune(base, rows, token, where, frozen_steps=caps["frozen_steps"], patience=caps["patience"],
                          **common)
-                model = StellarLM.load(where, device="cpu")
+                model = StellarLM.load(where, device=args.device)
                 log({"n": n, "draw": draw, "method": frozen, "init": model.meta["finetune_init"][new_name],
-                     "stages": model.meta["finetune"]["stages"], **ask(where)}, clock)
+                     "stages": model.meta["finetune"]["stages"], **ask(model)}, clock)
                 # stage (b): the same run resumed with an unfrozen stage, from (a)'s best weights
                 finetune(base, rows, token, where, frozen_steps=caps["frozen_steps"], patience=caps["patience"],
                          unfreeze_steps=caps["unfreeze_steps"], resume=True, allow_config_change=True, **common)
-                model = StellarLM.load(where, device="cpu")
+                model = StellarLM.load(where, device=args.device)
                 log({"n": n, "draw": draw, "method": unfrozen, "stages": model.meta["finetune"]["stages"],
-                     "backbone_changed": model.meta["finetune"]["backbone_changed"], **ask(where)}, clock)
+                     "backbone_changed": model.meta["finetune"]["backbone_changed"], **ask(model)}, clock)
             if todo("scratch"):
                 where, clock = work / f"scratch-{target}-{n}-{draw}", Clock()
-                lr = load_model(pretrained)[2].get("train_config", {}).get("lr", TrainConfig().lr)
-                finetune(random_base(pretrained, seed=draw), rows, token, where, init_from="random", frozen_steps=1,
-                         unfreeze_steps=caps["scratch_steps"], unfreeze_lr=lr, patience=caps["scratch_patience"],
-                         **common)
-                model = StellarLM.load(where, device="cpu")
+                finetune(random_base(base_net.cfg, base_vocab, base_meta, seed=draw), rows, token, where,
+                         init_from="random", frozen_steps=1, unfreeze_steps=caps["scratch_steps"],
+                         unfreeze_lr=scratch_lr, patience=caps["scratch_patience"], **common)
+                model = StellarLM.load(where, device=args.device)
                 log({"n": n, "draw": draw, "method": "scratch", "stages": model.meta["finetune"]["stages"],
-                     **ask(where)}, clock)
+                     **ask(model)}, clock)
             from stellarlm.bench.baselines import mlp_predict, xgboost_predict
 
             x = part.select(INPUTS).values.astype(np.float64)

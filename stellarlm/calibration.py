@@ -147,7 +147,7 @@ def calibrate(model_dir: str | os.PathLike, inputs: Sequence[str] | None, want: 
     star. Refitting starts from the network's own answers."""
     from .data.embedded import load_embedded
     from .integrity import atomic_write, write_checksums
-    from .query import INPUT_KINDS, StellarLM
+    from .query import INPUT_KINDS, KIND_GROUPS, StellarLM
     from .training import META_FILE, WEIGHTS_FILE, load_model
     from .vocab import XP_NAMES
 
@@ -158,9 +158,9 @@ def calibrate(model_dir: str | os.PathLike, inputs: Sequence[str] | None, want: 
     truth = val.select(list(want))
     clip = (TAIL_CLIP if tail else CLIP) if clip is None else clip
     kinds = {"xp": list(inputs or XP_NAMES + ["g"])}
-    if by_inputs:
-        kinds["lamost"] = [n for n in val.names if vocab[n].group == "lamost"]
-        kinds["photometry"] = ["g", "bp", "rp", "j", "h", "k"]
+    if by_inputs:  # the other kinds from all their tokens the data has (stellarlm.query.input_kind)
+        for kind in ("lamost", "photometry"):
+            kinds[kind] = [n for n in val.names if vocab[n].group in KIND_GROUPS[kind]]
     fits, fitted_on = {}, {}
     for kind, names in kinds.items():
         names = [n for n in names if n in val.names]

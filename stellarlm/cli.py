@@ -65,10 +65,8 @@ def _vocab_update(args) -> int:
 
 def _calibrate(args) -> int:
     from .calibration import calibrate
-    from .vocab import XP_NAMES
 
-    calibrate(args.model, args.inputs or XP_NAMES + ["g"], args.want, args.cache_dir, args.clip, args.tail,
-              args.by_inputs)
+    calibrate(args.model, args.inputs, args.want, args.cache_dir, args.clip, args.tail, args.by_inputs)
     meta = json.loads((Path(args.model) / "model.json").read_text())
     for kind, cal in {"xp": meta, **meta.get("sigma_by_inputs", {})}.items():
         if not cal:
@@ -121,7 +119,6 @@ def _train(args) -> int:
 
 
 def _finetune(args) -> int:
-    import json
     from dataclasses import fields
 
     from .finetune import FinetuneConfig, NewToken, finetune
@@ -390,8 +387,6 @@ def neighbour_table(model, index, rows, sims):
 
 
 def _anomaly_calibrate(args) -> int:
-    import json
-
     from .anomaly import calibrate_anomaly
     from .data.embedded import load_embedded
     from .integrity import atomic_write, write_checksums

@@ -72,7 +72,10 @@ def _split_mask(col):
     return col, None
 
 
-INPUT_KINDS = ("xp", "lamost", "photometry", "other")  # what an answer is calibrated as (stellarlm.calibration)
+# what an answer is calibrated as (stellarlm.calibration): the first kind whose token groups a star
+# has among its inputs; "other" (labels, parallax, extinction only) has none
+INPUT_KINDS = ("xp", "lamost", "photometry", "other")
+KIND_GROUPS = {"xp": ("xp_bp", "xp_rp"), "lamost": ("lamost",), "photometry": ("photometry",)}
 
 
 def input_kind(vocab: Vocabulary, ids: np.ndarray, present: np.ndarray) -> np.ndarray:
@@ -80,9 +83,9 @@ def input_kind(vocab: Vocabulary, ids: np.ndarray, present: np.ndarray) -> np.nd
     with any LAMOST-like flux, else 2 with any photometry, else 3 (labels, parallax, extinction
     only). ``present``: (n, len(ids))."""
     group = np.array([vocab.tokens[i].group for i in ids])
-    kind = np.full(len(present), 3)
-    for k, groups in ((2, ("photometry",)), (1, ("lamost",)), (0, ("xp_bp", "xp_rp"))):
-        kind[(present & np.isin(group, groups)).any(1)] = k
+    kind = np.full(len(present), INPUT_KINDS.index("other"))
+    for k in reversed(range(len(KIND_GROUPS))):  # the first kind that applies is written last
+        kind[(present & np.isin(group, KIND_GROUPS[INPUT_KINDS[k]])).any(1)] = k
     return kind
 
 
