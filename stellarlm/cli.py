@@ -93,10 +93,14 @@ def _train(args) -> int:
     from .data.embedded import load_embedded
     from .model import ModelConfig
     from .errors import ConfigError
-    from .training import TrainConfig, train, validate_config
+    from .training import TrainConfig, load_model, train, validate_config
 
-    model_cfg = ModelConfig(**{f.name: getattr(args, f.name) for f in fields(ModelConfig)
-                               if getattr(args, f.name, None) is not None})
+    base = {}
+    if args.init_from:  # the architecture of the model to start from, unless an option says otherwise
+        base = {k: v for k, v in load_model(args.init_from)[0].cfg.to_dict().items()
+                if k not in ("n_vocab", "patch_of", "stem_of")}
+    model_cfg = ModelConfig(**{**base, **{f.name: getattr(args, f.name) for f in fields(ModelConfig)
+                                          if getattr(args, f.name, None) is not None}})
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)
                          if f.name != "model" and getattr(args, f.name, None) is not None}, model=model_cfg)
     # before the data load: a typo costs nothing

@@ -70,7 +70,7 @@ from tqdm import tqdm
 
 from .data.table import TokenTable
 from .errors import BadValueError, ConfigError, DataFileError, VocabularyMismatchError
-from .integrity import CHECKSUM_FILE, atomic_write, verify_checksums, write_checksums
+from .integrity import CHECKSUM_FILE, atomic_write, sha256_file, verify_checksums, write_checksums
 from .alignment import alignment_loss, draw_view_pairs, evaluate_alignment
 from .model import ModelConfig, StellarTransformer, gaussian_nll
 from .vocab import GROUPS, N_LAMOST, N_XP_BINS, XP_NAMES, Vocabulary
@@ -130,6 +130,9 @@ class TrainConfig:
     # photometry) added to the NLL, and its temperature; 0: no term, training exactly as without
     align_weight: float = 0.0
     align_temperature: float = 0.1
+    # a fresh run starts from this model's weights (a model directory), with a new optimiser and
+    # schedule: continued training with other options, e.g. an alignment head added (warm_start)
+    init_from: str | None = None
     seed: int = 0
     eval_every: int = 0  # 0: once per epoch (n_train / batch_size steps)
     checkpoint_every: int = 500
@@ -522,6 +525,31 @@ def load_model(directory: str | os.PathLike, vocab: Vocabulary | None = None
         raise DataFileError(meta_path, f"its vocabulary is not the one the weights in {weights_path.name} were "
                                        "trained with (tokens renamed, reordered or renormalised)")
     return model.eval(), ckpt_vocab, meta
+
+
+def warm_start(model: StellarTransformer, source: str | os.PathLike, vocab: Vocabulary) -> dict:
+    """Copy the weights of the model in ``source`` into ``model`` (a new run's network), and say
+    where they came from. Everything must match (vocabulary and normalisation, architecture) but the
+    alignment head: one the new run adds starts from its random initialisation. Raises ConfigError
+    naming what differs.
+
+    >>> cfg = TrainConfig(init_from="models/default", align_weight=0.1)  # doctest: +SKIP
+    """
+    loaded, their_vocab, meta = load_model(source)
+    if vocabulary_fingerprint(their_vocab) != vocabulary_fingerprint(vocab):
+        raise ConfigError(f"--init-from {source}: its vocabulary or normalisation is not the training data's")
+    ours, theirs = model.cfg.to_dict(), loaded.cfg.to_dict()
+    differ = sorted(k for k in ours if k != "align_dim" and ours[k] != theirs.get(k))
+    if differ:
+        raise ConfigError(f"--init-from {source}: the architecture differs in {', '.join(differ)} "
+                          f"(leave those options out to take the model's own)")
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    stray = [k for k in missing + unexpected if not k.startswith("align_head.")]
+    if unexpected or stray:
+        raise ConfigError(f"--init-from {source}: its weights do not fit the new model ({(unexpected or stray)[:3]}); "
+                          "a model with an alignment head can only start a run that keeps it (--align-dim)")
+    return {"path": str(source), "step": meta.get("step"), "new": sorted({k.split(".")[0] for k in missing}),
+            "model_sha256": sha256_file(Path(source) / WEIGHTS_FILE)}
 
 
 def _save_checkpoint(out: Path, model, vocab, opt, gen: torch.Generator, step: int, cfg: TrainConfig,
@@ -1010,7 +1038,9 @@ def _train_locked(table: TokenTable, cfg: TrainConfig, out: Path, resume: bool, 
     try:
         ckpt = latest_checkpoint(out) if resume else None
         if ckpt is not None:
-            loaded, state, _ = _load_checkpoint(ckpt, vocab)
+            loaded, state, ckpt_meta = _load_checkpoint(ckpt, vocab)
+            if "init_from" in ckpt_meta:
+                extra["init_from"] = ckpt_meta["init_from"]
             if not allow_config_change:
                 _check_same_run(ckpt, state, cfg, data_id)
             try:
@@ -1027,8 +1057,11 @@ def _train_locked(table: TokenTable, cfg: TrainConfig, out: Path, resume: bool, 
             running, norms = state.get("window", ([], []))
             if lead:
                 _trim_metrics(out / "metrics.jsonl", step)
-        elif lead and not resume and (out / "metrics.jsonl").exists():
-            (out / "metrics.jsonl").unlink()  # a fresh run starts a fresh log
+        else:
+            if cfg.init_from:
+                extra["init_from"] = warm_start(model, cfg.init_from, vocab)
+            if lead and not resume and (out / "metrics.jsonl").exists():
+                (out / "metrics.jsonl").unlink()  # a fresh run starts a fresh log
     except Exception as exc:  # every rank reads the checkpoint: all raise together
         error = exc
     procs.agree(error)

@@ -214,3 +214,36 @@ def test_defects_are_what_they_say(table):
     np.testing.assert_array_equal(swapped.column("xp_500"), stars.column("xp_500"))
     with pytest.raises(BadValueError, match="unknown defect"):
         inject_defect(stars, "bogus")
+
+
+def test_a_run_can_start_from_a_model_and_add_an_alignment_head(table, tmp_path):
+    """--init-from: the shipped model's weights, a new projection head, a new optimiser (how the
+    full-size alignment runs continue the shipped model)."""
+    from stellarlm.training import load_model
+
+    base_cfg = TrainConfig(out_dir=str(tmp_path / "base"), steps=20, batch_size=32, warmup_steps=5,
+                           checkpoint_every=1000, eval_every=20, model=ModelConfig(**TINY), seed=0)
+    train(table, base_cfg, progress=False)
+    base, _, _ = load_model(tmp_path / "base")
+    assert base.align_head is None
+    # a learning rate so small that one step leaves the copied weights where they were
+    warm_cfg = TrainConfig(out_dir=str(tmp_path / "warm"), steps=1, batch_size=32, lr=1e-9, warmup_steps=0,
+                           checkpoint_every=1000, eval_every=1, model=ModelConfig(**TINY, align_dim=16), seed=1,
+                           align_weight=1.0, init_from=str(tmp_path / "base"))
+    train(table, warm_cfg, progress=False)
+    warm, _, meta = load_model(tmp_path / "warm")
+    assert meta["init_from"]["new"] == ["align_head"] and meta["init_from"]["step"] == 20
+    theirs = base.state_dict()
+    for name, w in warm.state_dict().items():
+        if name.startswith("align_head."):
+            continue
+        np.testing.assert_allclose(w.numpy(), theirs[name].numpy(), atol=1e-6, err_msg=name)
+    assert warm.align_head is not None
+    # another architecture, or dropping a head the model has, is refused before any training
+    for bad, what in ((ModelConfig(**{**TINY, "d_model": 2 * TINY["d_model"]}), "d_model"),):
+        with pytest.raises(ConfigError, match=what):
+            train(table, TrainConfig(out_dir=str(tmp_path / "bad"), steps=1, model=bad,
+                                     init_from=str(tmp_path / "base")), progress=False)
+    with pytest.raises(ConfigError, match="alignment head"):
+        train(table, TrainConfig(out_dir=str(tmp_path / "bad2"), steps=1, model=ModelConfig(**TINY),
+                                 init_from=str(tmp_path / "warm")), progress=False)
