@@ -173,7 +173,8 @@ def run(args) -> dict:
                     "split": split}
             common = dict(eval_every=caps["eval_every"], batch_size=caps["batch_size"], device=args.device,
                           seed=draw, progress=False, val_fraction=0.1, test_fraction=0.0, min_train_rows=5,
-                          min_val_rows=3, threads=args.threads, workers=min(2, args.threads or 2))
+                          min_val_rows=3, threads=args.threads, workers=min(2, args.threads or 2),
+                          calibrate=False)  # z std: the network's own sigmas (calibrated: experiments/finetune_calibration.py)
             for base_name, base in bases.items():
                 frozen, unfrozen = f"ft_frozen[{base_name}]", f"ft_unfrozen[{base_name}]"
                 if not (todo(frozen) or todo(unfrozen)):

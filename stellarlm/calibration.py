@@ -131,6 +131,69 @@ def fit_tail_calibration(answer: Predictive, truth: np.ndarray, truth_err: np.nd
     return s, eps, k
 
 
+def fit_answers(answer: Predictive, truth: np.ndarray, truth_err: np.ndarray, tail: bool = True,
+                clip: float | None = None) -> dict:
+    """``{"sigma_scale": {name: s}, "sigma_tail": {name: [weight, width]}}`` for each name of
+    ``answer`` against ``truth`` and ``truth_err`` (n_stars, n_names): :func:`fit_tail_calibration`,
+    or with ``tail=False`` :func:`fit_sigma_scale` (no ``sigma_tail``)."""
+    clip = (TAIL_CLIP if tail else CLIP) if clip is None else clip
+    cal = {"sigma_scale": {}, "sigma_tail": {}}
+    for j, name in enumerate(answer.names):
+        y, e = truth[:, j], truth_err[:, j]
+        if tail:
+            scale, weight, width = fit_tail_calibration(answer[name], y, e, clip)
+            cal["sigma_tail"][name] = [round(weight, 5), round(width, 4)]
+        else:
+            mean, sigma = answer[name].moments()
+            scale = fit_sigma_scale(mean[:, 0], sigma[:, 0], y, e, clip)
+        cal["sigma_scale"][name] = round(scale, 4)
+    return {k: v for k, v in cal.items() if v}
+
+
+def calibrate_rows(model, rows, names: Sequence[str], tail_min_rows: int = 200) -> tuple[dict, dict]:
+    """The calibration of ``names`` (e.g. fine-tuned tokens) fitted on ``rows`` (a TokenTable: the
+    user's validation part), each row given its other tokens, per kind of input
+    (``stellarlm.query.INPUT_KINDS``) with at least 10 rows: scale and tail with ``tail_min_rows``
+    rows or more, the scale alone below (three numbers from a few dozen stars would be noise).
+    ``model``: a StellarLM whose own calibration of ``names`` is not applied. Returns the fits
+    ``{kind: {"sigma_scale": ..., "sigma_tail": ...}}`` (for :func:`add_calibration`) and the
+    number of rows of each."""
+    from .query import INPUT_KINDS, input_kind
+
+    known = [n for n in rows.names if n not in names]
+    present = np.isfinite(rows.select(known).values)
+    kinds = input_kind(model.vocab, model.vocab.ids(known), present)
+    truth = rows.select(list(names))
+    fits, counts = {}, {}
+    for k, kind in enumerate(INPUT_KINDS):
+        use = np.flatnonzero(kinds == k)
+        if len(use) < 10 or kind == "other":
+            continue
+        part = rows.subset(use)
+        answer = model.predictive(part.observed(known), list(names), batch_size=1024)
+        fits[kind] = fit_answers(answer, truth.values[use].astype(np.float64), truth.errors[use].astype(np.float64),
+                                 tail=len(use) >= tail_min_rows)
+        counts[kind] = int(len(use))
+    return fits, counts
+
+
+def add_calibration(meta: dict, fits: dict) -> dict:
+    """``meta`` (a model's JSON) with the per-kind ``fits`` of :func:`calibrate_rows` added name by
+    name; the other names keep theirs. A model calibrated before ``sigma_by_inputs`` existed (one
+    calibration for every kind) gets it spelled out per kind first, so that its meaning is kept."""
+    from .query import INPUT_KINDS
+
+    meta = json.loads(json.dumps(meta))
+    if "sigma_by_inputs" not in meta:
+        one = {k: meta[k] for k in ("sigma_scale", "sigma_tail") if k in meta}
+        meta["sigma_by_inputs"] = {kind: json.loads(json.dumps(one)) for kind in INPUT_KINDS if kind != "xp"}
+    for kind, fit in fits.items():
+        target = meta if kind == "xp" else meta["sigma_by_inputs"].setdefault(kind, {})
+        for key, values in fit.items():
+            target.setdefault(key, {}).update(values)
+    return meta
+
+
 def calibrate(model_dir: str | os.PathLike, inputs: Sequence[str] | None, want: Sequence[str], cache_dir=None,
               clip: float | None = None, tail: bool = True, by_inputs: bool = True) -> dict[str, float]:
     """Fit the calibration of each of ``want`` on the validation split of the embedded data
@@ -169,17 +232,7 @@ def calibrate(model_dir: str | os.PathLike, inputs: Sequence[str] | None, want: 
         observed = val.observed(names)
         has = np.isfinite(np.column_stack([observed[n] for n in names])).any(1)
         answer = model.predictive({k: v[has] for k, v in observed.items()}, list(want), batch_size=1024)
-        cal = {"sigma_scale": {}, "sigma_tail": {}}
-        for j, name in enumerate(want):
-            y, e = truth.values[has, j], truth.errors[has, j]
-            if tail:
-                scale, weight, width = fit_tail_calibration(answer[name], y, e, clip)
-                cal["sigma_tail"][name] = [round(weight, 5), round(width, 4)]
-            else:
-                mean, sigma = answer[name].moments()
-                scale = fit_sigma_scale(mean[:, 0], sigma[:, 0], y, e, clip)
-            cal["sigma_scale"][name] = round(scale, 4)
-        fits[kind] = {k: v for k, v in cal.items() if v}
+        fits[kind] = fit_answers(answer, truth.values[has], truth.errors[has], tail, clip)
         fitted_on[kind] = {"inputs": names if len(names) < 20 else f"{len(names)} tokens", "n_stars": int(has.sum())}
     if "xp" not in fits:
         raise BadValueError(f"calibrate: the model was not trained on the inputs {kinds['xp'][:5]}... or on {list(want)}")

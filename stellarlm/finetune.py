@@ -42,8 +42,13 @@ adapts and saves little while adding module types, a merge step and a second fil
 the old answers as they were (an adapter changes the shared matrices' output for every token
 alike); what does is stage (a), which is the default, and stage (b)'s low rate, early stopping on
 the new tokens' validation loss and its log of the old tokens' validation loss (``val_loss_old``
-in ``metrics.jsonl``) keep and show how far it moves. A model whose backbone changed loses its
-sigma calibration (``sigma_*``; rerun ``stellarlm calibrate``).
+in ``metrics.jsonl``) keep and show how far it moves. A model whose backbone changed loses the
+base model's sigma calibration (``sigma_*``; rerun ``stellarlm calibrate`` for the built-in labels).
+
+The new tokens' sigmas are calibrated on the validation part (``calibrate``, default on;
+:func:`stellarlm.calibration.calibrate_rows`): per kind of input, a factor on the width, and with
+200 validation rows or more a tail component too. A network that has just learnt a quantity from a
+few hundred rows is over-confident about it (z std 1.2-1.8 in ``benchmarks/finetune_pays.py``).
 
 Example
 -------
@@ -178,6 +183,9 @@ class FinetuneConfig:
     threads: int | None = None
     workers: int = 2  # CPU: sub-batches run side by side (training.parallel_backward)
     n_buckets: int = 4
+    # fit the new tokens' sigma calibration on the validation part (stellarlm.calibration.calibrate_rows):
+    # a fine-tuned network is over-confident about what it has just learnt from a few hundred rows
+    calibrate: bool = True
 
 
 _FINETUNE_CHECKS = {
@@ -723,6 +731,8 @@ def _finetune_locked(model: StellarTransformer, base_vocab: Vocabulary, base_met
         for key in ("sigma_scale", "sigma_tail", "sigma_by_inputs", "sigma_scale_fit"):
             if key in base_meta:
                 extra[key] = base_meta[key]
+    if cfg.calibrate:
+        extra, summary["calibration"] = _calibrate_new(final, vocab, extra, table, names, device)
     summary["test"] = _test_scores(final, vocab, {**extra, "step": run["step"]}, table, names, device)
     save_model(out, final.cpu(), vocab, {**extra, "finetune": summary, "step": run["step"]})
     return out
@@ -785,6 +795,17 @@ def _run_data_id(data: FinetuneData, base_id: dict, tokens: list[NewToken]) -> d
             h.update(x.numpy().tobytes())
     h.update(json.dumps([base_id["weights_sha256"], [asdict(t) for t in tokens]]).encode())
     return {"n_stars": len(data), "sha256": h.hexdigest()}
+
+
+def _calibrate_new(model: StellarTransformer, vocab: Vocabulary, meta: dict, table: TokenTable, names: list[str],
+                   device: torch.device) -> tuple[dict, dict]:
+    """``meta`` with the new tokens' calibration fitted on the validation part, and what it was fitted on."""
+    from .calibration import add_calibration, calibrate_rows
+    from .query import StellarLM
+
+    lm = StellarLM(copy.deepcopy(model), vocab, meta, device=str(device))
+    fits, counts = calibrate_rows(lm, table.subset("val"), names)
+    return add_calibration(meta, fits), {"split": "val", "rows": counts, **fits}
 
 
 def _test_scores(model: StellarTransformer, vocab: Vocabulary, meta: dict, table: TokenTable, names: list[str],

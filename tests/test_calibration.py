@@ -100,3 +100,21 @@ def test_each_kind_of_input_gets_its_own_calibration(tiny_model, small_embedded)
     old = StellarLM(model.model, model.vocab, {**bare.meta, "sigma_scale": {"logg": 3.0}})
     for kind in inputs:
         np.testing.assert_allclose(old.query(observed[kind], ["logg"])["logg_err"], 3.0 * raw[kind], rtol=1e-5)
+
+
+def test_adding_a_tokens_calibration_keeps_the_others_meaning():
+    """A fine-tuned token's fit is added name by name; a model calibrated before per-kind tables
+    existed (one table for every kind) keeps applying it to every kind."""
+    from stellarlm.calibration import add_calibration
+    from stellarlm.query import INPUT_KINDS, calibration_tables
+    from stellarlm.vocab import Vocabulary, default_vocab_path
+
+    vocab = Vocabulary.load(default_vocab_path())
+    old = {"sigma_scale": {"teff": 1.1}, "sigma_tail": {"teff": [0.1, 3.0]}}
+    new = add_calibration(old, {"xp": {"sigma_scale": {"logg": 2.0}}, "lamost": {"sigma_scale": {"logg": 3.0}}})
+    assert old == {"sigma_scale": {"teff": 1.1}, "sigma_tail": {"teff": [0.1, 3.0]}}  # not changed in place
+    before, after = calibration_tables(old, vocab), calibration_tables(new, vocab)
+    teff, logg = vocab["teff"].id, vocab["logg"].id
+    for k, kind in enumerate(INPUT_KINDS):
+        np.testing.assert_array_equal(after[k][teff], before[k][teff])
+        assert after[k][logg][0] == {"xp": 2.0, "lamost": 3.0}.get(kind, 1.0)

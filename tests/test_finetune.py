@@ -126,7 +126,19 @@ def test_finetuning_learns_a_new_token_better_than_the_median_and_than_scratch(b
     assert _same(model.query(test.observed(XP_G), LABELS), tuned_model.query(test.observed(XP_G), LABELS))
     result = tuned_model.meta["finetune"]
     assert not result["backbone_changed"]
-    assert all(tuned_model.meta.get(k) == model.meta.get(k) for k in ("sigma_scale", "sigma_tail", "sigma_by_inputs"))
+    # the old tokens keep the base model's calibration; the new one gets its own, fitted on the
+    # validation part (20 rows with XP: a factor on the width, too few rows for a tail)
+    meta = tuned_model.meta
+    assert {n: v for n, v in meta["sigma_scale"].items() if n != "made_up"} == model.meta["sigma_scale"]
+    assert meta["sigma_tail"] == model.meta["sigma_tail"] and meta["sigma_by_inputs"] == model.meta["sigma_by_inputs"]
+    cal = result["calibration"]
+    assert set(cal["rows"]) == {"xp"} and 10 <= cal["rows"]["xp"] < 200 and "sigma_tail" not in cal["xp"]
+    scale = meta["sigma_scale"]["made_up"]
+    assert scale == cal["xp"]["sigma_scale"]["made_up"] and scale != 1.0
+    raw = StellarLM(tuned_model.model, tuned_model.vocab, {**meta, "sigma_scale": model.meta["sigma_scale"]})
+    stars = test.observed(XP_G)
+    np.testing.assert_allclose(np.asarray(tuned_model.query(stars, ["made_up"])["made_up_err"]),
+                               scale * np.asarray(raw.query(stars, ["made_up"])["made_up_err"]), rtol=1e-6)
 
 
 def test_a_finetuned_checkpoint_is_an_ordinary_model(base, tuned, small_embedded):
