@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from finetune_pays import INPUTS, draw_rows, scores  # noqa: E402
+from finetune_pays import INPUTS, draw_rows  # noqa: E402
 
 from stellarlm import StellarLM, load_embedded  # noqa: E402
+from stellarlm.bench.metrics import calibration_metrics, residual_metrics  # noqa: E402
 from stellarlm.calibration import add_calibration, fit_answers  # noqa: E402
 
 TAIL_MIN_ROWS = 200  # as stellarlm.calibration.calibrate_rows
@@ -35,15 +36,18 @@ def main() -> dict:
     p.add_argument("--json", default="benchmarks/results/finetune_pays/calibration.json")
     args = p.parse_args()
     table = load_embedded()
+    tests = {}  # per target: the test stars with a value, their truth and its error
     results = []
     for where in sorted(Path(args.work).glob("ft-*-pretrained-*-*")):
         target, n, draw = re.fullmatch(r"ft-(\w+?)-pretrained-(\d+)-(\d+)", where.name).groups()
         n, draw, name = int(n), int(draw), f"{target}_ft"
         if not (where / "model.json").exists():
             continue
-        test = table.subset("test")
-        test = test.subset(np.flatnonzero(np.isfinite(test.column(target))))
-        truth, truth_err = test.column(target).astype(np.float64), test.error(target).astype(np.float64)
+        if target not in tests:
+            test = table.subset("test")
+            test = test.subset(np.flatnonzero(np.isfinite(test.column(target))))
+            tests[target] = (test, test.column(target).astype(np.float64), test.error(target).astype(np.float64))
+        test, truth, truth_err = tests[target]
         part, split = draw_rows(table, target, n, seed=1000 * draw + n)
         val = part.subset(np.flatnonzero(split == 1))
         raw = StellarLM.load(where)
@@ -54,14 +58,13 @@ def main() -> dict:
         row = {"target": target, "n": n, "draw": draw, "val_rows": len(val), "fit": fit}
         for label, model in (("before", raw), ("after", calibrated)):
             a = model.query(test.observed(INPUTS), [name], batch_size=2048)
-            s = scores(np.asarray(a[name]), np.asarray(a[f"{name}_err"]), truth, truth_err)
-            z = (np.asarray(a[name]) - truth) / np.sqrt(np.asarray(a[f"{name}_err"]) ** 2 + truth_err ** 2)
-            row[label] = {"robust_scatter": s["robust_scatter"], "z_std": s["z_std"],
-                          "within_1": float(np.nanmean(np.abs(z) < 1)), "within_2": float(np.nanmean(np.abs(z) < 1.96))}
-        print(f"{target:8s} N={n:5d} draw {draw}: z std {row['before']['z_std']:.2f} -> {row['after']['z_std']:.2f}, "
-              f"|z|<1 {row['before']['within_1']:.2f} -> {row['after']['within_1']:.2f}, "
-              f"|z|<1.96 {row['before']['within_2']:.2f} -> {row['after']['within_2']:.2f} ({len(val)} val rows)",
-              flush=True)
+            pred, sigma = np.asarray(a[name]), np.asarray(a[f"{name}_err"])
+            row[label] = {"robust_scatter": residual_metrics(pred, truth)["robust_scatter"],
+                          **calibration_metrics(pred, sigma, truth, truth_err)}  # |z| < 1 and < 1.96
+        before, after = row["before"], row["after"]
+        print(f"{target:8s} N={n:5d} draw {draw}: z std {before['z_std']:.2f} -> {after['z_std']:.2f}, "
+              f"|z|<1 {before['coverage_68']:.2f} -> {after['coverage_68']:.2f}, "
+              f"|z|<1.96 {before['coverage_95']:.2f} -> {after['coverage_95']:.2f} ({len(val)} val rows)", flush=True)
         results.append(row)
     Path(args.json).write_text(json.dumps(results, indent=1))
     return {"runs": results}
