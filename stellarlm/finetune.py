@@ -559,11 +559,13 @@ def _load_base(base) -> tuple[StellarTransformer, Vocabulary, dict, dict]:
 
 def _sampling_config(meta: dict, cfg: FinetuneConfig) -> TrainConfig:
     """The base model's own subset probabilities (its ``train_config``), with this run's batch size and
-    CPU options: fine-tuning asks the questions pretraining asked, in the same proportions."""
-    names = {f.name for f in fields(TrainConfig)} - {"model", "out_dir"}
+    CPU options: fine-tuning asks the questions pretraining asked, in the same proportions. Its loss
+    is the NLL alone: a base trained with the alignment term does not pass it on (fine-tuning
+    batches have no view pairs)."""
+    names = {f.name for f in fields(TrainConfig)} - {"model", "out_dir", "init_from"}
     given = {k: v for k, v in (meta.get("train_config") or {}).items() if k in names}
     return replace(TrainConfig(**given), batch_size=cfg.batch_size, workers=cfg.workers, n_buckets=cfg.n_buckets,
-                   seed=cfg.seed, device=cfg.device, threads=cfg.threads)
+                   seed=cfg.seed, device=cfg.device, threads=cfg.threads, align_weight=0.0)
 
 
 def _stages(cfg: FinetuneConfig) -> list[tuple[str, int, float]]:

@@ -415,7 +415,7 @@ class StellarLM:
 
         >>> v = StellarLM.pretrained().embed({"g": [12.3], "bp": [12.9], "rp": [11.6]})
         >>> v.shape, round(float((v ** 2).sum()), 4)
-        ((1, 96), 1.0)
+        ((1, 64), 1.0)
         """
         values, errors, _, n = self._columns(observed)
         self._check_trained(list(values))

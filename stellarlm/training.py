@@ -61,6 +61,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
+from datetime import timedelta
 from pathlib import Path
 from typing import Iterator
 
@@ -71,7 +72,7 @@ from tqdm import tqdm
 from .data.table import TokenTable
 from .errors import BadValueError, ConfigError, DataFileError, VocabularyMismatchError
 from .integrity import CHECKSUM_FILE, atomic_write, sha256_file, verify_checksums, write_checksums
-from .alignment import alignment_loss, draw_view_pairs, evaluate_alignment
+from .alignment import draw_view_pairs, evaluate_alignment, info_nce
 from .model import ModelConfig, StellarTransformer, gaussian_nll
 from .vocab import GROUPS, N_LAMOST, N_XP_BINS, XP_NAMES, Vocabulary
 
@@ -800,8 +801,16 @@ def _processes(device_name: str) -> _Processes:
 def _destroy_process_group() -> None:
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "gloo":
+        # leave together: a rank that tears gloo down while another still uses it can abort the
+        # other ("terminate called without an active exception", seen after a refused run)
+        try:
+            dist.monitored_barrier(timeout=timedelta(seconds=60))
+        except RuntimeError:
+            pass  # a rank is gone already: nobody to wait for
+    dist.destroy_process_group()
 
 
 def _rank_rows(batch: dict, rank: int, world: int) -> dict:
@@ -932,8 +941,61 @@ def loss_backward(model: StellarTransformer, batch: dict, cfg: TrainConfig, pool
         loss = batch_loss(model, batch, not on_cpu, beta, cfg.n_buckets if on_cpu else 1)
         loss.backward()
     if cfg.align_weight > 0:  # the contrastive term's gradient added to the NLL's (stellarlm.alignment)
-        (cfg.align_weight * alignment_loss(model, batch, cfg.align_temperature)).backward()
+        on_cpu = batch["values"].device.type == "cpu"
+        alignment_backward(model, batch, cfg.align_weight, cfg.align_temperature, pool, cfg.workers,
+                           cfg.n_buckets if on_cpu else 1)
     return loss
+
+
+def alignment_backward(model: StellarTransformer, batch: dict, weight: float, temperature: float,
+                       pool: ThreadPoolExecutor | None = None, n_workers: int = 1, n_buckets: int = 1
+                       ) -> torch.Tensor:
+    """``weight`` times the InfoNCE loss (:func:`stellarlm.alignment.alignment_loss`) of the two views
+    in ``batch``, its gradient added to each parameter's ``.grad``; returns the (unweighted) loss.
+
+    Why not ``alignment_loss(...).backward()``: padded to the widest view of the batch (a star's
+    every token against another's photometry), most of that pass is padding, and it runs on one
+    thread while :func:`worker_pool` keeps torch single-threaded. So each view is cut into
+    ``n_buckets`` sub-batches of similar width (:func:`_buckets`), embedded and back-propagated
+    across ``pool``'s threads; only the InfoNCE, which needs every star's embedding, runs in one
+    place. Each thread keeps its own graph between the two phases, so nothing is computed twice,
+    and the gradients are summed in a fixed order: a run stays repeatable (``--resume``). The
+    result equals the single pass's up to float rounding (tested)."""
+    valid = batch["align_valid"]
+    if int(valid.sum()) < 2:
+        return batch["align_a_values"].new_zeros(())
+    params = [p for p in model.parameters() if p.requires_grad]
+    parts = []  # (view, positions among the valid stars, inputs trimmed to their own width)
+    for tag in ("a", "b"):
+        view = {k: batch[f"align_{tag}_{k}"][valid] for k in _INPUT_KEYS}
+        view["position"] = torch.arange(int(valid.sum()), device=valid.device)
+        parts += [(tag, part.pop("position"), part) for part in _buckets(model, view, n_buckets)]
+    shares = [parts[i::n_workers] for i in range(n_workers) if parts[i::n_workers]] if pool else [parts]
+
+    def forward(share):
+        return [model.embed_vectors(*(part[k] for k in _INPUT_KEYS)) for _, _, part in share]
+
+    embedded = list(pool.map(forward, shares)) if pool else [forward(share) for share in shares]
+    leaves = [[z.detach().requires_grad_() for z in zs] for zs in embedded]
+    z = {}
+    for tag in ("a", "b"):
+        mine = [(pos, leaf) for share, ls in zip(shares, leaves) for (t, pos, _), leaf in zip(share, ls) if t == tag]
+        order = torch.argsort(torch.cat([pos for pos, _ in mine]))
+        z[tag] = torch.cat([leaf for _, leaf in mine])[order]
+    loss = info_nce(z["a"], z["b"], temperature, batch["align_rows"][valid])
+    flat = [leaf for ls in leaves for leaf in ls]
+    dz = iter(torch.autograd.grad(weight * loss, flat))
+    dz = [[next(dz) for _ in ls] for ls in leaves]
+
+    def backward(i):
+        return torch.autograd.grad(embedded[i], params, grad_outputs=dz[i], allow_unused=True)
+
+    results = list(pool.map(backward, range(len(shares)))) if pool else [backward(0)]
+    for j, p in enumerate(params):
+        grads = [g[j] for g in results if g[j] is not None]
+        if grads:
+            p.grad = sum(grads) if p.grad is None else p.grad + sum(grads)
+    return loss.detach()
 
 
 @contextmanager

@@ -53,6 +53,33 @@ def test_view_pairs_are_disjoint_sources_of_the_same_star(table):
     assert (info_nce(torch.eye(4), torch.eye(4), 0.1) < 0.01).item()
 
 
+@pytest.mark.parametrize("workers, n_buckets", [(1, 1), (1, 4), (2, 4)])
+def test_the_shared_alignment_gradient_equals_the_single_pass(models, table, workers, n_buckets):
+    """alignment_backward (views cut by width, shared among threads) against one padded
+    alignment_loss(...).backward(): the same loss and, added to a gradient already there, the same
+    gradients."""
+    import torch
+    from stellarlm.alignment import alignment_loss
+    from stellarlm.training import alignment_backward, worker_pool
+
+    net = models[1].model.train()
+    data = NormalisedData.from_table(table.subset("train"), table.vocab)
+    batch = draw_view_pairs(data, torch.arange(48), torch.Generator().manual_seed(3))
+    params = list(net.parameters())
+    net.zero_grad()
+    expected = alignment_loss(net, batch, 0.1)
+    (0.5 * expected).backward()
+    want = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
+    for p, w in zip(params, want):
+        p.grad = w.clone()  # a gradient already there (the NLL's): the term adds to it
+    with worker_pool(workers, torch.device("cpu")) as pool:
+        got = alignment_backward(net, batch, 0.5, 0.1, pool, workers, n_buckets)
+    assert torch.allclose(got, expected.detach(), rtol=1e-5)
+    for p, w in zip(params, want):
+        assert torch.allclose(p.grad, 2 * w, rtol=1e-4, atol=1e-5 * float(w.abs().max()))
+    assert any(float(w.abs().max()) > 0 for w in want)
+
+
 def test_the_alignment_term_puts_views_of_one_star_together(models, table):
     plain, aligned = models
     val = table.subset("val")

@@ -81,13 +81,14 @@ def training_rate(model: StellarLM, table: TokenTable, batch_size: int = 128, st
 
 
 def _trained_config(meta: dict, batch_size: int):
-    """The model's own TrainConfig (sampler, sub-batches, workers) at ``batch_size``; where the model
-    was trained and for how long do not change the cost of a step and are left out."""
+    """The model's own TrainConfig (sampler, sub-batches, alignment term) at ``batch_size``; where the
+    model was trained (device, threads, worker threads: this machine's defaults are measured) and for
+    how long do not change the cost of a step and are left out."""
     from dataclasses import fields
 
     from ..training import TrainConfig
 
-    skip = {"batch_size", "model", "out_dir", "device", "threads", "steps", "max_minutes"}
+    skip = {"batch_size", "model", "out_dir", "device", "threads", "workers", "steps", "max_minutes"}
     known = {f.name for f in fields(TrainConfig)} - skip
     trained = {k: v for k, v in meta.get("train_config", {}).items() if k in known}
     return TrainConfig(batch_size=batch_size, **trained)
