@@ -234,7 +234,9 @@ def _demo(args) -> int:
     want = ["teff", "logg", "m_h"]
     # each star's own errors, as the Gaia archive gives them (without, a typical error is assumed)
     out = model.query(test.observed(xp), want)
-    print(f"model {args.model}: {model.meta.get('step')} training steps; query: XP + G "
+    source = model.meta.get("init_from")
+    continued = f" (continuing a model of {source['step']} steps)" if source else ""
+    print(f"model {args.model}: {model.meta.get('step')} training steps{continued}; query: XP + G "
           "(with their errors) -> "
           f"{', '.join(want)} for the {len(test)} held-out test stars")
     print(f"{'Gaia DR3 source_id':>20} {'APOGEE_ID':>19} | " + " | ".join(f"{n:>22}" for n in want))
