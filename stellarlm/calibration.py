@@ -39,6 +39,7 @@ from .predictive import Predictive
 
 CLIP = 5.0  # fit_sigma_scale: one factor, fitted on the core
 TAIL_CLIP = 20.0  # fit_tail_calibration: the tail component models what lies between
+TAIL_MIN_ROWS = 200  # calibrate_rows: fewer rows fit the width factor alone (three numbers would be noise)
 
 
 def fit_sigma_scale(pred: np.ndarray, sigma: np.ndarray, truth: np.ndarray, truth_err: np.ndarray,
@@ -150,7 +151,7 @@ def fit_answers(answer: Predictive, truth: np.ndarray, truth_err: np.ndarray, ta
     return {k: v for k, v in cal.items() if v}
 
 
-def calibrate_rows(model, rows, names: Sequence[str], tail_min_rows: int = 200) -> tuple[dict, dict]:
+def calibrate_rows(model, rows, names: Sequence[str], tail_min_rows: int = TAIL_MIN_ROWS) -> tuple[dict, dict]:
     """The calibration of ``names`` (e.g. fine-tuned tokens) fitted on ``rows`` (a TokenTable: the
     user's validation part), each row given its other tokens, per kind of input
     (``stellarlm.query.INPUT_KINDS``) with at least 10 rows: scale and tail with ``tail_min_rows``

@@ -894,6 +894,12 @@ def batch_loss(model: StellarTransformer, batch: dict, use_amp: bool = False, be
     return total / batch["target_mask"].sum().clamp_min(1)
 
 
+def _shares(parts: list, n_workers: int) -> list[list]:
+    """``parts`` dealt round-robin to ``n_workers`` threads (the empty shares left out): a fixed
+    assignment, so the gradients are summed in the same order every run."""
+    return [parts[i::n_workers] for i in range(n_workers) if parts[i::n_workers]]
+
+
 def parallel_backward(model: StellarTransformer, batch: dict, pool: ThreadPoolExecutor, n_workers: int,
                       n_buckets: int, beta: float = 0.0) -> torch.Tensor:
     """:func:`batch_loss` with its gradient put in each parameter's ``.grad``, the sub-batches shared
@@ -905,7 +911,7 @@ def parallel_backward(model: StellarTransformer, batch: dict, pool: ThreadPoolEx
     in a fixed order, so a run stays repeatable (``--resume``)."""
     params = [p for p in model.parameters() if p.requires_grad]
     parts = list(_buckets(model, batch, n_buckets))
-    shares = [parts[i::n_workers] for i in range(n_workers) if parts[i::n_workers]]
+    shares = _shares(parts, n_workers)
 
     def work(share):
         total = sum(_nll_sum(model, part, beta, False) for part in share)
@@ -934,14 +940,13 @@ def loss_backward(model: StellarTransformer, batch: dict, cfg: TrainConfig, pool
     (:func:`worker_pool`), else in ``cfg.n_buckets`` sub-batches on CPU, else (GPU, bf16) in one
     padded pass, which there beats several small launches. ``beta``: :func:`token_betas` of ``cfg``,
     on the model's device."""
+    on_cpu = batch["values"].device.type == "cpu"
     if pool is not None:
         loss = parallel_backward(model, batch, pool, cfg.workers, cfg.n_buckets, beta)
     else:
-        on_cpu = batch["values"].device.type == "cpu"
         loss = batch_loss(model, batch, not on_cpu, beta, cfg.n_buckets if on_cpu else 1)
         loss.backward()
     if cfg.align_weight > 0:  # the contrastive term's gradient added to the NLL's (stellarlm.alignment)
-        on_cpu = batch["values"].device.type == "cpu"
         alignment_backward(model, batch, cfg.align_weight, cfg.align_temperature, pool, cfg.workers,
                            cfg.n_buckets if on_cpu else 1)
     return loss
@@ -970,7 +975,7 @@ def alignment_backward(model: StellarTransformer, batch: dict, weight: float, te
         view = {k: batch[f"align_{tag}_{k}"][valid] for k in _INPUT_KEYS}
         view["position"] = torch.arange(int(valid.sum()), device=valid.device)
         parts += [(tag, part.pop("position"), part) for part in _buckets(model, view, n_buckets)]
-    shares = [parts[i::n_workers] for i in range(n_workers) if parts[i::n_workers]] if pool else [parts]
+    shares = _shares(parts, n_workers) if pool else [parts]
 
     def forward(share):
         return [model.embed_vectors(*(part[k] for k in _INPUT_KEYS)) for _, _, part in share]

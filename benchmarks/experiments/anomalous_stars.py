@@ -18,11 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from stellarlm import StellarLM
+from stellarlm.anomaly import GROUPS
 from stellarlm.cli import DEFAULT_MODEL
 from stellarlm.data.embedded import load_embedded
 from stellarlm.vocab import XP_NAMES
-
-GROUPS = ("xp", "lamost", "labels", "photometry")
 
 
 def main() -> None:

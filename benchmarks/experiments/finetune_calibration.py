@@ -25,9 +25,7 @@ from finetune_pays import INPUTS, draw_rows  # noqa: E402
 
 from stellarlm import StellarLM, load_embedded  # noqa: E402
 from stellarlm.bench.metrics import calibration_metrics, residual_metrics  # noqa: E402
-from stellarlm.calibration import add_calibration, fit_answers  # noqa: E402
-
-TAIL_MIN_ROWS = 200  # as stellarlm.calibration.calibrate_rows
+from stellarlm.calibration import TAIL_MIN_ROWS, add_calibration, fit_answers  # noqa: E402
 
 
 def main() -> dict:
