@@ -98,9 +98,14 @@ class TrainConfig:
     min_lr_ratio: float = 0.05
     grad_clip: float = 1.0
     max_targets: int = 16
-    max_inputs: int = 160  # caps the per-token embedding cost; XP (114) + photometry always fit
+    # caps the per-token embedding cost of a star; 400 lets every token of the default vocabulary
+    # in, so a LAMOST-like spectrum (200 bins) is seen whole in training, as a query gives it
+    max_inputs: int = 400
     patch_size: int = 5  # neighbouring XP bins summed into one encoder token (model.py)
     lamost_patch_size: int = 20  # the same for the LAMOST-like bins
+    # the blocks that get a learned stem each (model.SpectrumStem, with --stem-tokens >= 1), comma
+    # separated: xp, lamost, photometry (Vocabulary.spectra)
+    stem_on: str = "xp,lamost"
     p_group: float = 0.95
     p_alone: float = 0.95  # of the modality subsets, the share that give one source alone (+ G half the time)
     p_xp: float | None = 0.9  # of those, the share where the source is the XP spectrum (None: all alike)
@@ -334,9 +339,14 @@ def sample_batch(data: NormalisedData, rows: torch.Tensor, gen: torch.Generator,
     width_in = int(n_in.max())
     in_cols = order[:, :width_in]
     in_mask = pos[:width_in][None, :] < n_in[:, None]
-    tg_pos = (n_in[:, None] + pos[None, :max_targets]).clamp(max=t - 1)
+    # the targets follow the given tokens: a modality subset with more given tokens than
+    # max_inputs drops the surplus (neither input nor target), so that its questions stay about
+    # what was not given. (Until 2026-12-07 the surplus became the targets: a LAMOST-like spectrum,
+    # 200 bins against max_inputs 160, was asked only about its own dropped bins, never a label.)
+    first_target = torch.where(use_group, n_given, n_in)
+    tg_pos = (first_target[:, None] + pos[None, :max_targets]).clamp(max=t - 1)
     tg_cols = torch.gather(order, 1, tg_pos)
-    tg_mask = (n_in[:, None] + pos[None, :max_targets] < n_avail[:, None])
+    tg_mask = (first_target[:, None] + pos[None, :max_targets] < n_avail[:, None])
 
     def take(x, cols, mask):
         return torch.gather(x, 1, cols).masked_fill(~mask, 0.0)
@@ -424,10 +434,20 @@ def _check_options(obj, checks: dict) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be {what}, got {value!r}")
 
 
+def stem_blocks(cfg: TrainConfig) -> list[str]:
+    """``cfg.stem_on`` as a list of block names; ConfigError for a name that is not a block."""
+    blocks = [b.strip() for b in str(cfg.stem_on).split(",") if b.strip()]
+    if not blocks or any(b not in Vocabulary.STEM_BLOCKS for b in blocks) or len(set(blocks)) < len(blocks):
+        raise ConfigError(f"--stem-on must be a comma-separated list of distinct blocks out of "
+                          f"{', '.join(sorted(Vocabulary.STEM_BLOCKS))}, got {cfg.stem_on!r}")
+    return blocks
+
+
 def validate_config(cfg: TrainConfig) -> None:
     """Raise ConfigError naming the first option of ``cfg`` that cannot work: before any work, so a
     typo does not cost a data load or end in a torch traceback."""
     _check_options(cfg, _CHECKS)
+    stem_blocks(cfg)
     _check_options(cfg.model, _MODEL_CHECKS)
     if cfg.model.d_model % cfg.model.n_heads:
         raise ConfigError(f"--d-model ({cfg.model.d_model}) must be a multiple of --n-heads ({cfg.model.n_heads})")
@@ -530,9 +550,16 @@ def load_model(directory: str | os.PathLike, vocab: Vocabulary | None = None
 
 def warm_start(model: StellarTransformer, source: str | os.PathLike, vocab: Vocabulary) -> dict:
     """Copy the weights of the model in ``source`` into ``model`` (a new run's network), and say
-    where they came from. Everything must match (vocabulary and normalisation, architecture) but the
-    alignment head: one the new run adds starts from its random initialisation. Raises ConfigError
-    naming what differs.
+    where they came from. Everything must match (vocabulary and normalisation, architecture) but
+    what adds weights or only regroups tokens:
+
+    * an alignment head (``align_dim``) or a spectrum stem (``stem_tokens``, ``stem_on``) that the
+      source lacks starts new. A new stem's last layer starts at zero, so its tokens begin as
+      blank (identical) encoder tokens rather than random ones;
+    * other patches (``patch_size``, ``lamost_patch_size``): the per-token weights are the same
+      shape whichever tokens share a patch.
+
+    Raises ConfigError naming what differs.
 
     >>> cfg = TrainConfig(init_from="models/default", align_weight=0.1)  # doctest: +SKIP
     """
@@ -540,15 +567,21 @@ def warm_start(model: StellarTransformer, source: str | os.PathLike, vocab: Voca
     if vocabulary_fingerprint(their_vocab) != vocabulary_fingerprint(vocab):
         raise ConfigError(f"--init-from {source}: its vocabulary or normalisation is not the training data's")
     ours, theirs = model.cfg.to_dict(), loaded.cfg.to_dict()
-    differ = sorted(k for k in ours if k != "align_dim" and ours[k] != theirs.get(k))
+    may_differ = {"align_dim", "patch_of"} | ({"stem_of", "stem_tokens", "stem_hidden"} if loaded.stem is None else set())
+    differ = sorted(k for k in ours if k not in may_differ and ours[k] != theirs.get(k))
     if differ:
         raise ConfigError(f"--init-from {source}: the architecture differs in {', '.join(differ)} "
                           f"(leave those options out to take the model's own)")
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
-    stray = [k for k in missing + unexpected if not k.startswith("align_head.")]
+    stray = [k for k in missing + unexpected if not k.startswith(("align_head.", "stem."))]
     if unexpected or stray:
         raise ConfigError(f"--init-from {source}: its weights do not fit the new model ({(unexpected or stray)[:3]}); "
                           "a model with an alignment head can only start a run that keeps it (--align-dim)")
+    if model.stem is not None and any(k.startswith("stem.") for k in missing):
+        with torch.no_grad():
+            for mlp in model.stem.mlp:
+                mlp[-1].weight.zero_()
+                mlp[-1].bias.zero_()
     return {"path": str(source), "step": meta.get("step"), "new": sorted({k.split(".")[0] for k in missing}),
             "model_sha256": sha256_file(Path(source) / WEIGHTS_FILE)}
 
@@ -1085,7 +1118,7 @@ def _train_locked(table: TokenTable, cfg: TrainConfig, out: Path, resume: bool, 
     torch.manual_seed(cfg.seed)
     cfg.model.n_vocab = len(vocab)
     cfg.model.patch_of = vocab.patches(cfg.patch_size, cfg.lamost_patch_size)
-    cfg.model.stem_of = vocab.spectra()
+    cfg.model.stem_of = vocab.spectra(stem_blocks(cfg))
     model = StellarTransformer(cfg.model).to(device)
     # weight decay on matrices only: not on biases, norms, or the name embeddings (a rare token's
     # embedding would otherwise decay towards zero between the steps that use it)

@@ -237,15 +237,26 @@ class Vocabulary:
             out.append(seen.setdefault(key, len(seen)))
         return out
 
-    def spectra(self) -> list[int]:
-        """The spectrum of each token id for the model's spectrum stems: 0 for an XP bin, 1 for a
-        LAMOST-like bin, -1 for any other token.
+    # the blocks a spectrum stem can read, by the name TrainConfig.stem_on gives them
+    STEM_BLOCKS = {"xp": ("xp_bp", "xp_rp"), "lamost": ("lamost",), "photometry": ("photometry",)}
+
+    def spectra(self, blocks: tuple[str, ...] | list[str] = ("xp", "lamost")) -> list[int]:
+        """The stem each token id belongs to, for the model's spectrum stems (``SpectrumStem``):
+        the position in ``blocks`` of its block (``xp``: the XP bins, ``lamost``: the LAMOST-like
+        bins, ``photometry``: the magnitudes, read together so that a first linear layer forms the
+        colours), -1 for any other token.
 
         >>> v = Vocabulary.default(); s = v.spectra()
         >>> s[v["xp_338"].id], s[v["lamost_0"].id], s[v["teff"].id]
         (0, 1, -1)
+        >>> s = v.spectra(["lamost", "photometry"]); s[v["xp_338"].id], s[v["lamost_0"].id], s[v["bp"].id]
+        (-1, 0, 1)
         """
-        return [0 if t.group in ("xp_bp", "xp_rp") else 1 if t.group == "lamost" else -1 for t in self.tokens]
+        unknown = [b for b in blocks if b not in self.STEM_BLOCKS]
+        if unknown or not blocks:
+            raise ValueError(f"spectrum stem blocks must be some of {sorted(self.STEM_BLOCKS)}, got {list(blocks)}")
+        of_group = {g: k for k, b in enumerate(blocks) for g in self.STEM_BLOCKS[b]}
+        return [of_group.get(t.group, -1) for t in self.tokens]
 
     # --- normalisation --------------------------------------------------------------------------
     def normalise(self, values: np.ndarray, ids: np.ndarray, errors: np.ndarray | None = None):

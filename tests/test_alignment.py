@@ -277,3 +277,35 @@ def test_a_run_can_start_from_a_model_and_add_an_alignment_head(table, tmp_path)
     with pytest.raises(ConfigError, match="alignment head"):
         train(table, TrainConfig(out_dir=str(tmp_path / "bad2"), steps=1, model=ModelConfig(**TINY),
                                  init_from=str(tmp_path / "warm")), progress=False)
+
+
+def test_a_run_can_start_from_a_model_and_add_a_stem_or_regroup_patches(table, tmp_path):
+    """--init-from with a new spectrum stem (--stem-on, --stem-tokens) or other patches: every
+    weight the source has is copied, the stem is new and starts with a zero last layer, and a stem
+    the source already has cannot be changed."""
+    from stellarlm.training import load_model
+
+    base_cfg = TrainConfig(out_dir=str(tmp_path / "base"), steps=10, batch_size=32, warmup_steps=2,
+                           checkpoint_every=1000, eval_every=10, model=ModelConfig(**TINY), seed=0)
+    train(table, base_cfg, progress=False)
+    base, _, _ = load_model(tmp_path / "base")
+    warm_cfg = TrainConfig(out_dir=str(tmp_path / "warm"), steps=1, batch_size=32, lr=1e-9, warmup_steps=0,
+                           checkpoint_every=1000, eval_every=1, seed=1, init_from=str(tmp_path / "base"),
+                           stem_on="lamost,photometry", lamost_patch_size=5,
+                           model=ModelConfig(**{**TINY, "stem_tokens": 1, "stem_hidden": 8}))
+    train(table, warm_cfg, progress=False)
+    warm, vocab, meta = load_model(tmp_path / "warm")
+    assert meta["init_from"]["new"] == ["stem"]
+    theirs = base.state_dict()
+    for name, w in warm.state_dict().items():
+        if not name.startswith("stem."):
+            np.testing.assert_allclose(w.numpy(), theirs[name].numpy(), atol=1e-6, err_msg=name)
+    assert warm.stem.n_stems == 2 and warm.cfg.stem_of[vocab["bp"].id] == 1 and warm.cfg.stem_of[vocab["xp_500"].id] == -1
+    assert float(warm.stem.mlp[0][-1].weight.abs().max()) < 1e-6  # 1e-9 of a step away from zero
+    assert warm.n_patches > base.n_patches  # 5-bin LAMOST patches: more of them
+    with pytest.raises(ConfigError, match="stem"):
+        train(table, TrainConfig(out_dir=str(tmp_path / "bad"), steps=1, init_from=str(tmp_path / "warm"),
+                                 stem_on="lamost", model=ModelConfig(**{**TINY, "stem_tokens": 1, "stem_hidden": 8})),
+              progress=False)
+    with pytest.raises(ConfigError, match="--stem-on"):
+        validate_config(TrainConfig(stem_on="lamost,spectra"))

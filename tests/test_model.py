@@ -122,6 +122,28 @@ def test_sampler_can_favour_the_xp_spectrum_alone(small_embedded):
     assert 0.2 < xp_alone_share(p_alone=1.0) < 0.45
 
 
+def test_a_source_given_alone_past_max_inputs_is_asked_about_the_rest(small_embedded):
+    """A spectrum with more bins than max_inputs, given alone: the surplus bins are dropped, never
+    asked, so the questions are about the labels (the bug that kept LAMOST -> labels untrained)."""
+    lamost = [f"lamost_{i}" for i in range(200)]
+    t = small_embedded.select(lamost + ["teff", "logg", "m_h"])
+    data = NormalisedData.from_table(t, t.vocab)
+    rows = torch.arange(len(data))[:200]
+    rows = rows[torch.isfinite(data.values[rows]).all(1)]
+    lamost_ids = set(t.vocab.ids(lamost).tolist())
+    b = sample_batch(data, rows, torch.Generator().manual_seed(5), max_targets=8, p_group=1.0, p_alone=1.0,
+                     p_xp=None, max_inputs=120)
+    asked = 0
+    for r in range(len(rows)):
+        given = set(b["ids"][r][b["mask"][r]].tolist())
+        wanted = set(b["query_ids"][r][b["target_mask"][r]].tolist())
+        assert len(given) <= 120
+        if given <= lamost_ids:  # the LAMOST-like spectrum alone, cut to 120 bins
+            assert len(given) == 120 and not wanted & lamost_ids and wanted
+            asked += 1
+    assert asked > 0
+
+
 def test_sampler_can_add_photometry_to_a_source_given_alone(small_embedded):
     """p_extra: of the one-source draws, a share also get the other magnitudes, each with a random
     keep rate; at 0 an XP spectrum given alone comes with G at most."""
