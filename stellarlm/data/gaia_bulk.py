@@ -39,6 +39,7 @@ import numpy as np
 
 from ..errors import DataFileError
 from ..vocab import N_XP
+from .fast_floats import parse_floats as parse_floats_fast
 
 N_CORR = N_XP * (N_XP - 1) // 2  # 1485 packed correlations per band
 BANDS = ("bp", "rp")
@@ -387,9 +388,14 @@ def _parse_lines(lines: list[bytes], first: int, layout: _Layout, path: Path, de
     if regular_rows:
         buf = b",".join(regular_pieces).translate(_TO_LINES)
         try:
-            values = _parse_floats(buf)
+            values = parse_floats_fast(buf, len(regular_rows) * layout.row_width, slow_parser=_parse_floats)
         except ValueError:
             values = None
+        if values is None:  # numba missing, or a number outside the fast path's exact range
+            try:
+                values = _parse_floats(buf)
+            except ValueError:
+                values = None
         if values is None or values.size != len(regular_rows) * layout.row_width:
             # find the offending line with the careful parser
             for row in regular_rows:
@@ -612,7 +618,9 @@ def bulk_rows(n: int, seed: int = 0, first_source_id: int = 10**15) -> tuple[byt
     template = star["row"].rstrip(b"\r\n")
     fields = _split_fields(template, b",")
     rows = []
-    f32 = lambda a: ",".join(str(x) for x in np.asarray(a, dtype=np.float32).tolist())  # noqa: E731
+    # float32 values printed as the archive prints them: the shortest text that reads back as the
+    # same float32 (0.1, not the float64 0.10000000149011612)
+    f32 = lambda a: ",".join(str(x) for x in np.asarray(a, dtype=np.float32))  # noqa: E731
     for i in range(n):
         scale = 10 ** (-0.4 * rng.uniform(-2, 2))
         new = list(fields)
