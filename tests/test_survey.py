@@ -309,3 +309,27 @@ def test_ranks_share_gpus_by_local_rank():
     assert rank_device("cuda", None, 2) == "cuda"  # not under torchrun: torch's current GPU
     assert rank_device("cuda:1", "3", 2) == "cuda:1"  # an explicit GPU is kept
     assert rank_device("cpu", "3", 2) == "cpu"
+
+
+def test_the_compiled_parser_gives_pandas_numbers_to_the_bit(rows):
+    """The bulk reader's fast path (numba) and pandas' C parser agree on every number of real-layout
+    rows and on the edge cases of the fast path's range; what it cannot promise goes to pandas."""
+    pytest.importorskip("numba")
+    from stellarlm.data.fast_floats import parse_floats
+    from stellarlm.data.gaia_bulk import _parse_floats
+
+    _, lines = rows
+    cells = b",".join(c for line in lines for c in line.split(b'"')[1::2])
+    rng = np.random.default_rng(0)
+    edges = [b"0", b"-0.0", b"+7", b"9007199254740991", b"9007199254740993", b"1e22", b"1e23", b"1e-22",
+             b"4.9e-324", b"123456789012345678", b"0.000000000000000000001234", b"1.5E+03", b".5", b"5.",
+             b"null", b" 3.25 ", b"nan"]
+    edges += [repr(float(x)).encode() for x in rng.standard_normal(2000) * 10.0 ** rng.integers(-30, 30, 2000)]
+    edges += [str(np.float32(x)).encode() for x in rng.standard_normal(2000)]
+    buf = cells.translate(bytes.maketrans(b",[]", b"\n  ")) + b"\n" + b"\n".join(edges) + b"\n"
+    expected = _parse_floats(buf)
+    fast = parse_floats(buf, expected.size, slow_parser=_parse_floats)
+    assert fast is not None and fast.size > 20000
+    assert np.array_equal(fast.view(np.int64), expected.view(np.int64))  # bit for bit, NaN and -0.0 too
+    with pytest.raises(ValueError):  # not a number: pandas' error reaches the reader, which names the line
+        parse_floats(b"1.0\n2.0.0\n", 2, slow_parser=_parse_floats)

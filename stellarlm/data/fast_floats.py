@@ -70,7 +70,12 @@ def _scan(buf: np.ndarray, out: np.ndarray, spans: np.ndarray, pow10: np.ndarray
         scale = 0  # power of ten of the last digit taken
         seen = False
         ok = True
-        while j < end and 48 <= buf[j] <= 57:
+        point = False  # past the decimal point: each digit lowers the scale
+        while j < end and (48 <= buf[j] <= 57 or (buf[j] == 46 and not point)):
+            if buf[j] == 46:
+                point = True
+                j += 1
+                continue
             d = buf[j] - 48
             if digits > 0 or d != 0:
                 if digits < 18:
@@ -78,21 +83,10 @@ def _scan(buf: np.ndarray, out: np.ndarray, spans: np.ndarray, pow10: np.ndarray
                     digits += 1
                 else:
                     ok = False
+            if point:
+                scale -= 1
             seen = True
             j += 1
-        if j < end and buf[j] == 46:  # '.'
-            j += 1
-            while j < end and 48 <= buf[j] <= 57:
-                d = buf[j] - 48
-                if digits > 0 or d != 0:
-                    if digits < 18:
-                        mant = mant * 10 + d
-                        digits += 1
-                    else:
-                        ok = False
-                scale -= 1
-                seen = True
-                j += 1
         if j < end and (buf[j] == 101 or buf[j] == 69):  # 'e' / 'E'
             j += 1
             eneg = False
