@@ -1,21 +1,27 @@
-"""Speed and memory of ``stellarlm label`` on a generated Gaia bulk XP file (issue 18).
+"""Speed and memory of ``stellarlm label`` on generated Gaia bulk XP files, before and after issue 30.
 
-    python benchmarks/label_speed.py [--rows 1000000] [--rank-rows 250000] [--model DIR] [--dir /tmp/...]
+    python benchmarks/label_speed.py [--rows 1000000] [--rank-rows 250000] [--component-rows 20000]
+                                     [--model DIR] [--dir /tmp/...] [--skip-before] [--skip-one-process]
 
-1. writes ``XpContinuousMeanSpectrum_bench.csv.gz`` with ``--rows`` stars in the archive's bulk
-   format (:func:`stellarlm.data.gaia_bulk.write_bulk_file`: the astroquery star with noise, ~40 kB
-   of text a star, gzip level 1) and a photometry join file (source_id, phot_g_mean_mag);
-2. components on 20,000 stars, one thread each: parsing alone (gunzip + text -> floats), the
-   coefficients -> tokens step, the model alone (fp32 and bf16 autocast);
-3. end to end, one process on the 2 cores (``--threads 1``: the model in the main thread, parsing
-   in a reader thread), in a fresh process: wall time, stars/s, peak RSS (``wait4``);
-4. two ranks (RANK/WORLD_SIZE as torchrun sets them), each pinned to one core with
-   ``taskset``, each labelling its own ``--rank-rows`` file: aggregate stars/s and peak RSS.
+1. writes bulk files in the archive's format (:func:`stellarlm.data.gaia_bulk.write_bulk_file`:
+   the astroquery star with noise, ~40 kB of text a star, gzip level 1): ``--component-rows`` stars
+   for the per-stage split, ``--rows`` for the one-process run, ``--rank-rows`` per rank, and a
+   photometry join file (source_id, phot_g_mean_mag);
+2. then twice, "before" (zlib's gunzip, pandas' number parser, 2048-star model batches with the
+   whole batch's per-token embedding at once: ``BEFORE_ENV`` and ``_as_before``) and "after"
+   (today's defaults), each in fresh processes on the same files:
+   - the CPU time of each stage on one thread, each stage run on its own over the component file:
+     decompress (+ the input's sha256), parse (text -> floats, on the gunzipped copy), tokens
+     (coefficients -> tokens + the G join), model, write (the FITS output);
+   - end to end, one process on the 2 cores (``--threads 1``: the model in the main thread,
+     parsing in reader threads): wall time, stars/s, peak RSS (``wait4``);
+   - two ranks (RANK/WORLD_SIZE as torchrun sets them), each pinned to one core with ``taskset``,
+     each labelling its own ``--rank-rows`` file: aggregate stars/s and peak RSS per rank.
 
 Writes ``benchmarks/results/label_speed.json``. ``--model``: a trained model directory; without
-it an untrained model of the default configuration is made (timing does not depend on the weights;
-the JSON says which was used). The big files go to ``--dir`` (default /tmp/stellarlm_label_bench)
-and are deleted afterwards unless ``--keep``.
+it an untrained model of the default configuration is made (the JSON says which was used). The
+big files go to ``--dir`` (default /tmp/stellarlm_label_bench) and are deleted afterwards unless
+``--keep``.
 """
 
 from __future__ import annotations
@@ -93,83 +99,169 @@ def _wait(procs: list[subprocess.Popen]) -> list[dict]:
     return out
 
 
+# "before": the reader and the model as they were before issue 30 (zlib's gunzip, pandas' number
+# parser, 2048-star model batches, the per-token embedding of a whole batch at once)
+BEFORE_ENV = {"STELLARLM_FAST_PARSE": "0", "STELLARLM_ISAL": "0"}
+
+
+def _as_before(before: bool) -> int | None:
+    """In a child: the model's batch as before issue 30 (``before``) or today's default."""
+    from stellarlm.survey import FixedInputEncoder
+
+    if not before:
+        return None
+    FixedInputEncoder.CPU_EMBED_ROWS = 1 << 30
+    return 2048
+
+
 def worker(args) -> None:
     """Child: label the inputs and print the per-file results as JSON."""
     from stellarlm.survey import label_files
 
+    batch = _as_before(args.before)
     t = time.perf_counter()
     res = label_files(args.inputs, args.model, args.out, want=["teff", "logg", "m_h"], photometry=[args.phot],
-                      threads=1, progress=False, amp=True if args.bf16 else None, parse_threads=args.parse_threads)
+                      threads=1, progress=False, amp=True if args.bf16 else None, parse_threads=args.parse_threads,
+                      batch_size=batch)
     print(json.dumps({"wall_s": time.perf_counter() - t, "files": [r.__dict__ for r in res]}))
 
 
 def components(args) -> None:
-    """Child: one-thread rates of each stage on the first rows of the file."""
+    """Child: CPU seconds of each stage of labelling the ``--inputs`` file, one thread, each stage
+    run on its own over the whole file: gunzip (+ the input's sha256), text -> floats (on the
+    gunzipped copy), coefficients -> tokens (+ the G join), the model, the FITS output."""
     import torch
 
-    from stellarlm.data.gaia_bulk import iter_xp_chunks
+    from stellarlm.data.gaia_bulk import HashingReader, bulk_rows, iter_xp_chunks, open_text_stream
     from stellarlm.data.xp_basis import coefficients_to_tokens
-    from stellarlm.survey import Labeller, Photometry
+    from stellarlm.survey import Labeller, Photometry, _write_fits
+    from stellarlm.vocab import Vocabulary
 
     torch.set_num_threads(1)
-    n_max = args.n
+    batch = _as_before(args.before)
+    cpu = time.thread_time  # this thread's CPU time: numba, pandas and torch all run in it here
+    path = Path(args.inputs[0])
     coefficients_to_tokens(np.zeros((1, 2, 55)), np.ones((1, 2, 55)), np.array([15.0]))  # design matrix: once
-    t = time.perf_counter()
-    chunks = []
-    for c in iter_xp_chunks(args.inputs[0], 2048):
-        chunks.append(c)
-        if sum(len(x) for x in chunks) >= n_max:
-            break
-    parse = time.perf_counter() - t
+    sec = {}
+    plain = Path(args.out) / path.name.removesuffix(".gz")
+    t = cpu()
+    raw = HashingReader(path)  # hashed as it is read, and read in blocks, as in stellarlm label
+    with open_text_stream(path, raw) as f, open(plain, "wb") as g:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            g.write(block)
+    raw.close()
+    sec["decompress"] = cpu() - t
+    # the parser's first call loads its compiled code (once a process, not once a file): not timed
+    tiny = Path(args.out) / "XpContinuousMeanSpectrum_warm.csv"
+    head, rows = bulk_rows(4)
+    tiny.write_bytes(head + b"".join(rows))
+    list(iter_xp_chunks(tiny, 1024))
+    t = cpu()
+    chunks = list(iter_xp_chunks(plain, 1024))
+    sec["parse"] = cpu() - t
+    plain.unlink()
     n = sum(len(c) for c in chunks)
     phot = Photometry([args.phot])
-    t = time.perf_counter()
+    assumed_g_err = Vocabulary.default()["g"].assumed_error
+    t = cpu()
     toks = []
     for c in chunks:
-        g, _ = phot.lookup(c.source_id)
+        g, ge = phot.lookup(c.source_id)
+        ge = np.where(np.isfinite(ge) & (ge > 0), ge, assumed_g_err)  # as stellarlm label does
         v, e = coefficients_to_tokens(c.coefficients, c.errors, g, c.correlations)
-        toks.append((np.column_stack([v, g]), np.column_stack([e, np.full(len(g), 0.003)])))
-    tok = time.perf_counter() - t
-    out = {"stars": n, "parse_stars_per_s": n / parse, "tokens_stars_per_s": n / tok}
-    answers = {}
-    for amp in (False, True):
-        lab = Labeller(args.model, ["teff", "logg", "m_h"], amp=amp)
-        lab.columns(*toks[0])
+        toks.append((np.column_stack([v, g]), np.column_stack([e, ge])))
+    sec["tokens"] = cpu() - t
+    lab = Labeller(args.model, ["teff", "logg", "m_h"], batch_size=batch)
+    lab.columns(*toks[0])  # first call: allocations, oneDNN kernels
+    t = cpu()
+    answers = [lab.columns(v, e) for v, e in toks]
+    sec["model"] = cpu() - t
+    cols = {"source_id": [c.source_id for c in chunks]}
+    for k in answers[0]:
+        cols[k] = [a[k] for a in answers]
+    t = cpu()
+    _write_fits(Path(args.out) / "components.labels.fits", cols, {}, lab)
+    sec["write"] = cpu() - t
+    total = sum(sec.values())
+    print(json.dumps({"stars": n, "cpu_s": sec, "cpu_ms_per_star": {k: 1e3 * v / n for k, v in sec.items()},
+                      "share": {k: v / total for k, v in sec.items()},
+                      "stars_per_s_per_core": n / total,
+                      "teff_first": float(answers[0]["teff"][0])}))
+
+
+def _phase(args, me, env, model, work, files, before: bool) -> dict:
+    """Components, the one-process run and the two-rank run, with the reader and model of today
+    or of ``before`` issue 30."""
+    env = {**env, **BEFORE_ENV} if before else env
+    flag = ["--before"] if before else []
+    extra = flag + (["--bf16"] if args.bf16 else [])
+    tag = "before" if before else "after"
+    phot = str(files["phot"])
+    out = {}
+    scratch = work / f"components_{tag}"
+    scratch.mkdir(exist_ok=True)
+    comp = _wait([_run(me + ["--components", "--inputs", str(files["small"]), "--model", str(model), "--phot", phot,
+                             "--out", str(scratch)] + flag, env)])[0]
+    out["components_one_thread"] = comp["result"] or comp
+    print(tag, "components:", out["components_one_thread"], flush=True)
+
+    if not args.skip_one_process:
+        out1 = work / f"out_1proc_{tag}"
+        shutil.rmtree(out1, ignore_errors=True)
+        r = _wait([_run(me + ["--worker", "--inputs", str(files["big"]), "--model", str(model), "--phot", phot,
+                              "--out", str(out1), "--parse-threads", str(args.parse_threads)] + extra, env)])[0]
+        if r["result"]:
+            f = r["result"]["files"][0]
+            r["stars"] = f["stars"]
+            r["stars_per_s"] = f["stars"] / r["result"]["wall_s"]
+            r["reader_thread_busy_s"], r["model_thread_busy_s"] = f["parse_seconds"], f["model_seconds"]
+        out["one_process_2_cores"] = r
+        print(tag, "1 process:", {k: v for k, v in r.items() if k != "result"}, flush=True)
+
+    if not args.skip_ranks:
+        out2 = work / f"out_2ranks_{tag}"
+        shutil.rmtree(out2, ignore_errors=True)
         t = time.perf_counter()
-        answers[amp] = [lab.columns(v, e) for v, e in toks]
-        out[f"model_{'bf16' if amp else 'fp32'}_stars_per_s"] = n / (time.perf_counter() - t)
-    for name in ("teff", "logg", "m_h"):  # what bf16 on the CPU changes
-        d = np.concatenate([b[name] - a[name] for a, b in zip(answers[False], answers[True])])
-        s = np.concatenate([a[f"{name}_err"] for a in answers[False]])
-        out[f"bf16_minus_fp32_{name}"] = {"median_abs": float(np.nanmedian(np.abs(d))),
-                                          "p99_abs": float(np.nanpercentile(np.abs(d), 99)),
-                                          "median_abs_over_sigma": float(np.nanmedian(np.abs(d) / s))}
-    print(json.dumps(out))
+        procs = [_run(me + ["--worker", "--inputs", *map(str, files["ranks"]), "--model", str(model), "--phot", phot,
+                            "--out", str(out2), "--parse-threads", "1"] + extra,
+                      {**env, "RANK": str(k), "WORLD_SIZE": "2"}, cpus=str(k))
+                 for k in range(2)]
+        rr = _wait(procs)
+        wall = time.perf_counter() - t
+        stars = sum(f["stars"] for x in rr if x["result"] for f in x["result"]["files"])
+        out["two_ranks_1_core_each"] = {"ranks": rr, "stars": stars, "wall_s": wall, "stars_per_s": stars / wall,
+                                        "peak_rss_mb_per_rank": [x["peak_rss_mb"] for x in rr]}
+        print(tag, "2 ranks:", stars, "stars", stars / wall, "stars/s", flush=True)
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--rows", type=int, default=1_000_000, help="rows of the one-process run's file")
     ap.add_argument("--rank-rows", type=int, default=250_000, help="rows of each rank's file in the 2-rank run")
+    ap.add_argument("--component-rows", type=int, default=20_000, help="rows of the per-stage measurement")
     ap.add_argument("--model", help="trained model directory (default: an untrained default-size model)")
     ap.add_argument("--dir", default="/tmp/stellarlm_label_bench")
     ap.add_argument("--out-json", default=str(ROOT / "benchmarks" / "results" / "label_speed.json"))
     ap.add_argument("--keep", action="store_true", help="keep the generated files")
     ap.add_argument("--bf16", action="store_true", help="end-to-end runs with bf16 autocast on CPU")
     ap.add_argument("--skip-ranks", action="store_true")
+    ap.add_argument("--skip-one-process", action="store_true")
+    ap.add_argument("--skip-before", action="store_true", help="today's reader and model only")
     ap.add_argument("--parse-threads", type=int, default=2, help="reader threads of the one-process run")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--components", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--before", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--inputs", nargs="*", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--phot", help=argparse.SUPPRESS)
-    ap.add_argument("-n", type=int, default=20_000, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(args)
     if args.components:
         return components(args)
 
+    from stellarlm.data.fast_floats import available
     from stellarlm.data.gaia_bulk import write_bulk_file
 
     work = Path(args.dir)
@@ -178,57 +270,39 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     me = [sys.executable, str(Path(__file__).resolve())]
+    try:
+        import isal  # noqa: F401
+        has_isal = True
+    except ImportError:
+        has_isal = False
     report = {"model": str(model), "model_note": json.loads((model / "model.json").read_text()).get("note", "trained"),
               "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
-              "rows": args.rows}
+              "after_has": {"numba_parser": available(), "isal": has_isal},
+              "rows": args.rows, "rank_rows": args.rank_rows, "component_rows": args.component_rows}
 
-    big = work / "XpContinuousMeanSpectrum_bench.csv.gz"
-    phot = work / "GaiaSource_bench.csv"
     t = time.perf_counter()
-    if not big.exists():
-        write_bulk_file(big, args.rows, first_source_id=10**15)
-    _photometry(phot, 10**15, args.rows + 2 * args.rank_rows)
-    report["generate_s"] = time.perf_counter() - t
-    report["file_bytes"] = big.stat().st_size
-    print(f"wrote {big} ({big.stat().st_size / 1e9:.1f} GB) in {report['generate_s']:.0f} s", flush=True)
-
-    comp = _wait([_run(me + ["--components", "--inputs", str(big), "--model", str(model), "--phot", str(phot)],
-                       env)])[0]
-    report["components_one_thread"] = comp["result"] or comp
-    print("components:", report["components_one_thread"], flush=True)
-
-    out1 = work / "out_1proc"
-    shutil.rmtree(out1, ignore_errors=True)
-    extra = ["--bf16"] if args.bf16 else []
-    r = _wait([_run(me + ["--worker", "--inputs", str(big), "--model", str(model), "--phot", str(phot), "--out",
-                          str(out1), "--parse-threads", str(args.parse_threads)] + extra, env)])[0]
-    if r["result"]:
-        f = r["result"]["files"][0]
-        r["stars"] = f["stars"]
-        r["stars_per_s"] = f["stars"] / r["result"]["wall_s"]
-        r["reader_thread_busy_s"], r["model_thread_busy_s"] = f["parse_seconds"], f["model_seconds"]
-    report["one_process_2_cores"] = r
-    print("1 process:", {k: v for k, v in r.items() if k != "result"}, flush=True)
-
+    # the row count in each name: a file kept (--keep) from a run of another size is not reused
+    files = {"small": work / f"XpContinuousMeanSpectrum_components_{args.component_rows}.csv.gz",
+             "big": work / f"XpContinuousMeanSpectrum_bench_{args.rows}.csv.gz",
+             "ranks": [work / f"XpContinuousMeanSpectrum_rank{k}_{args.rank_rows}.csv.gz" for k in range(2)],
+             "phot": work / "GaiaSource_bench.csv"}
+    first = {"small": 10**15, "big": 10**15, "ranks": [10**15 + args.rows + k * args.rank_rows for k in range(2)]}
+    if not files["small"].exists():
+        write_bulk_file(files["small"], args.component_rows, first_source_id=first["small"], seed=7)
+    if not args.skip_one_process and not files["big"].exists():
+        write_bulk_file(files["big"], args.rows, first_source_id=first["big"])
     if not args.skip_ranks:
-        files = []
-        for k in range(2):
-            p = work / f"XpContinuousMeanSpectrum_rank{k}.csv.gz"
+        for k, p in enumerate(files["ranks"]):
             if not p.exists():
-                write_bulk_file(p, args.rank_rows, first_source_id=10**15 + args.rows + k * args.rank_rows, seed=k + 1)
-            files.append(p)
-        out2 = work / "out_2ranks"
-        shutil.rmtree(out2, ignore_errors=True)
-        t = time.perf_counter()
-        procs = [_run(me + ["--worker", "--inputs", *map(str, files), "--model", str(model), "--phot", str(phot),
-                            "--out", str(out2), "--parse-threads", "1"] + extra, {**env, "RANK": str(k), "WORLD_SIZE": "2"}, cpus=str(k))
-                 for k in range(2)]
-        rr = _wait(procs)
-        wall = time.perf_counter() - t
-        stars = sum(f["stars"] for x in rr if x["result"] for f in x["result"]["files"])
-        report["two_ranks_1_core_each"] = {"ranks": rr, "stars": stars, "wall_s": wall, "stars_per_s": stars / wall,
-                                           "peak_rss_mb_per_rank": [x["peak_rss_mb"] for x in rr]}
-        print("2 ranks:", stars, "stars", stars / wall, "stars/s", flush=True)
+                write_bulk_file(p, args.rank_rows, first_source_id=first["ranks"][k], seed=k + 1)
+    _photometry(files["phot"], 10**15, args.rows + 2 * args.rank_rows)
+    report["generate_s"] = time.perf_counter() - t
+    report["file_bytes"] = {k: (v.stat().st_size if isinstance(v, Path) and v.exists() else None)
+                            for k, v in files.items() if k != "ranks"}
+    print(f"wrote the inputs in {report['generate_s']:.0f} s", flush=True)
+
+    for before in ((False,) if args.skip_before else (True, False)):
+        report["before" if before else "after"] = _phase(args, me, env, model, work, files, before)
 
     Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out_json).write_text(json.dumps(report, indent=1, default=str))

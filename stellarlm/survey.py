@@ -157,6 +157,8 @@ class FixedInputEncoder:
     per star, and the sum over each patch is a product with a fixed (tokens, patches) 0/1 matrix
     instead of a scatter: the same numbers (to float rounding), half the CPU time of the model."""
 
+    CPU_EMBED_ROWS = 32
+
     def __init__(self, net, ids: np.ndarray):
         import torch
 
@@ -181,8 +183,16 @@ class FixedInputEncoder:
         import torch.nn.functional as F
 
         s = torch.log(errors.clamp_min(1e-4)).unsqueeze(-1) / 4.0
-        h = F.gelu(values.unsqueeze(-1) * self.w + s * self.u + self.c)  # (B, N, d)
-        summed = torch.matmul(h.transpose(1, 2), self.m.to(h.dtype)).transpose(1, 2)  # (B, P, d)
+        # (B, N, d) per-token activations, summed over each patch. On a CPU they go CPU_EMBED_ROWS
+        # stars at a time, so each slice stays in cache: 5x less time than one (B, N, d) tensor
+        # making four trips through memory (docs/survey_scale.md); on a GPU, the whole batch at once.
+        step = self.CPU_EMBED_ROWS if values.device.type == "cpu" else max(len(values), 1)
+        m = self.m.to(values.dtype)
+        summed = values.new_empty(len(values), m.shape[1], self.w.shape[1])
+        for a in range(0, len(values), step):
+            h = torch.addcmul(self.c, values[a:a + step].unsqueeze(-1), self.w)
+            h.addcmul_(s[a:a + step], self.u)
+            summed[a:a + step] = torch.matmul(F.gelu(h).transpose(1, 2), m).transpose(1, 2)  # (b, P, d)
         x = self.net.embed.out(summed) + self.bias.to(summed.dtype)
         mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         if self.net.stem is not None:
@@ -194,6 +204,10 @@ class FixedInputEncoder:
 
 class Labeller:
     """A loaded model that answers ``want`` for chunks of XP tokens + G, on CPU or GPU."""
+
+    # stars per model batch on a CPU: small enough that a layer's activations stay in cache (2048,
+    # the old default, was 1.3x slower on the 2 cores; docs/survey_scale.md)
+    CPU_BATCH = 512
 
     def __init__(self, model_dir, want: Sequence[str] = ("teff", "logg", "m_h"), *, device: str = "cpu",
                  batch_size: int | None = None, quantiles: Sequence[float] = (), compile: bool = False,
@@ -216,7 +230,7 @@ class Labeller:
         self.in_ids = self.lm.vocab.ids(self.inputs)
         self.quantiles = [float(q) for q in quantiles]
         cuda = self.device.type == "cuda"
-        self.batch_size = batch_size or (32768 if cuda else 2048)
+        self.batch_size = batch_size or (32768 if cuda else self.CPU_BATCH)
         self.amp = cuda if amp is None else amp
         self.pin = cuda
         self.net = self.lm.model
@@ -617,7 +631,7 @@ def add_label_command(sub) -> None:
     p.add_argument("--quantiles", nargs="*", type=float, default=[], help="quantiles of each answer to write "
                    "(e.g. 0.16 0.5 0.84): columns <name>_q16 ...")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--batch-size", type=int, default=None, help="stars per model batch (default 2048 CPU, 32768 GPU)")
+    p.add_argument("--batch-size", type=int, default=None, help="stars per model batch (default 512 CPU, 32768 GPU)")
     p.add_argument("--chunk-rows", type=int, default=1024, help="rows read and parsed at a time")
     p.add_argument("--parse-threads", type=int, default=1, help="threads parsing text chunks at once (bulk files; "
                    "the parser releases the GIL): 2 on a 2-core machine with --threads 1")

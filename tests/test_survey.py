@@ -333,3 +333,60 @@ def test_the_compiled_parser_gives_pandas_numbers_to_the_bit(rows):
     assert np.array_equal(fast.view(np.int64), expected.view(np.int64))  # bit for bit, NaN and -0.0 too
     with pytest.raises(ValueError):  # not a number: pandas' error reaches the reader, which names the line
         parse_floats(b"1.0\n2.0.0\n", 2, slow_parser=_parse_floats)
+
+
+def test_the_compiled_row_scanner_gives_the_python_readers_chunks_to_the_bit(rows, monkeypatch):
+    """A block parsed in one compiled pass (numba) equals the row-by-row Python reader's chunk (its
+    numbers by pandas' C parser, as before the compiled paths) in
+    every array, scalar and line number: regular rows, CRLF endings, blank lines, a trailing
+    delimiter, spaces inside the arrays, 17-digit numbers (left to pandas). A block with any row
+    the scanner does not promise to read (a null band, a wrong count) is left to the Python reader."""
+    pytest.importorskip("numba")
+    from stellarlm.data import gaia_bulk
+    from stellarlm.data.fast_floats import parse_rows
+    from stellarlm.data.gaia_bulk import _Layout, _parse_floats, _parse_lines, _split_fields
+
+    def _parse_lines_python(*args):  # the reference: every number by pandas
+        with monkeypatch.context() as m:
+            m.setattr(gaia_bulk, "parse_floats_fast", lambda *a, **k: None)
+            return gaia_bulk._parse_lines_python(*args)
+
+    header, lines = rows
+    names = [n.decode().strip().strip('"') for n in _split_fields(header.splitlines()[-1], b",")]
+    layout = _Layout(names, Path("x.csv"), 1)
+
+    def same(block):
+        a = _parse_lines_python(block, 10, layout, Path("x.csv"), b",")
+        b = _parse_lines(block, 10, layout, Path("x.csv"), b",")
+        for k in ("source_id", "coefficients", "errors", "correlations", "n_relevant"):
+            x, y = getattr(a, k), getattr(b, k)
+            assert x.shape == y.shape and np.array_equal(x.view(np.uint8), y.view(np.uint8)), k
+        np.testing.assert_array_equal(a.extra["line"], b.extra["line"])
+
+    lines = list(lines)
+
+    def first_cell(line, edit):  # the line with its first array cell's text edited
+        parts = line.split(b'"')
+        parts[1] = edit(parts[1])
+        return b'"'.join(parts)
+
+    odd = [lines[0].replace(b"\n", b"\r\n"), b"\n", b"  \t\n",
+           first_cell(lines[1], lambda c: c.replace(b"[", b"[ ").replace(b",", b" , ")),  # spaces around numbers
+           first_cell(lines[2], lambda c: b"[1.00000000000000000001," + c.split(b",", 1)[1]),  # 21 digits
+           first_cell(lines[3], lambda c: b"[-0.0,1e5,.5,5.,+2E-3," + c.split(b",", 5)[5]),
+           lines[4].replace(b",", b", ", 3)]  # spaces before scalars
+    for block in (lines, odd, lines[:1]):
+        same(block)
+        assert parse_rows(b"".join(block), b",", layout.field_array, layout.arr_len, layout.arr_off, len(block),
+                          _parse_floats) is not None
+    names_line = header.splitlines()[-1].decode().split(",")
+    for bad in (_replace_band(lines[3], "bp", names_line, b"null"), lines[3].replace(b'"[', b'"[1.0,', 1),
+                lines[3].replace(b'"[', b"[", 1)):
+        block = lines[:3] + [bad]
+        assert parse_rows(b"".join(block), b",", layout.field_array, layout.arr_len, layout.arr_off, len(block),
+                          _parse_floats) is None
+        try:
+            same(block)
+        except DataFileError:  # both readers raise, with the Python reader's message
+            with pytest.raises(DataFileError):
+                _parse_lines(block, 10, layout, Path("x.csv"), b",")

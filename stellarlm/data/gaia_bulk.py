@@ -30,6 +30,7 @@ import gzip
 import hashlib
 import io
 import math
+import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,12 +41,16 @@ import numpy as np
 from ..errors import DataFileError
 from ..vocab import N_XP
 from .fast_floats import parse_floats as parse_floats_fast
+from .fast_floats import parse_rows as parse_rows_fast
 
 N_CORR = N_XP * (N_XP - 1) // 2  # 1485 packed correlations per band
 BANDS = ("bp", "rp")
 ARRAY_LENGTHS = {"coefficients": N_XP, "coefficient_errors": N_XP, "coefficient_correlations": N_CORR}
 _NULL_WORDS = frozenset({b"", b"null", b"none", b"nan", b"--", b"[]", b"()"})
 DEFAULT_CHUNK_ROWS = 1024
+# the scalar columns a chunk keeps (when the file has them)
+_SCALARS = ("bp_n_relevant_bases", "rp_n_relevant_bases", "phot_g_mean_mag", "phot_g_mean_mag_error",
+            "phot_g_mean_flux", "phot_g_mean_flux_error")
 
 
 @dataclass
@@ -114,10 +119,14 @@ def open_text_stream(path: Path, raw: HashingReader):
     head = raw._f.peek(2)[:2] if hasattr(raw._f, "peek") else b""
     buffered = io.BufferedReader(raw, buffer_size=1 << 20)
     if head == b"\x1f\x8b":
-        try:  # ISA-L's inflate is ~1.7x faster than zlib's (optional: pip install isal)
-            from isal.igzip import IGzipFile as _Gzip
-        except ImportError:
-            _Gzip = gzip.GzipFile
+        _Gzip = gzip.GzipFile
+        # ISA-L's inflate is ~1.7x faster than zlib's (the ``survey`` extra); STELLARLM_ISAL=0 turns
+        # it off (benchmarks/label_speed.py measures both)
+        if os.environ.get("STELLARLM_ISAL", "1") != "0":
+            try:
+                from isal.igzip import IGzipFile as _Gzip
+            except ImportError:
+                pass
         return io.BufferedReader(_Gzip(fileobj=buffered, mode="rb"), buffer_size=1 << 20)
     return buffered
 
@@ -236,6 +245,13 @@ class _Layout:
         self.row_width = sum(length for *_, length in self.arrays)
         self.offsets = np.cumsum([0] + [length for *_, length in self.arrays])
         self.has_corr = any(w == "coefficient_correlations" for _, _, w, _ in self.arrays)
+        # the same for the compiled parser: per field its array's index (-1: a scalar)
+        self.field_array = np.full(self.n_fields, -1, dtype=np.int64)
+        for j, (col, *_) in enumerate(self.arrays):
+            self.field_array[col] = j
+        self.arr_len = np.array([length for *_, length in self.arrays], dtype=np.int64)
+        self.arr_off = self.offsets[:-1].astype(np.int64)
+        self.scalar_cols = {name: self.index[name] for name in _SCALARS if name in self.index}
 
 
 def _scalar(field: bytes) -> float:
@@ -340,7 +356,24 @@ def _bulk_chunks(f, path: Path, chunk_rows: int, workers: int = 1) -> Iterator[X
 
 
 def _parse_lines(lines: list[bytes], first: int, layout: _Layout, path: Path, delimiter: bytes) -> XpChunk:
-    """Parse one block of lines (``first``: the line number of ``lines[0]``)."""
+    """Parse one block of lines (``first``: the line number of ``lines[0]``): in one compiled
+    pass when every row is regular (numba installed), else row by row in Python. Both give the
+    same numbers to the bit (tests/test_survey.py)."""
+    block = b"".join(lines)
+    parsed = parse_rows_fast(block, delimiter, layout.field_array, layout.arr_len, layout.arr_off, len(lines),
+                             _parse_floats)
+    if parsed is None:
+        return _parse_lines_python(lines, first, layout, path, delimiter)
+    flat, spans, keep = parsed
+    cols = list(layout.scalar_cols.values())
+    cols.append(layout.index["source_id"])
+    scalars = [{c: block[a:b] for c, (a, b) in zip(cols, row[cols].tolist())} for row in spans]
+    return _assemble(flat, scalars, keep.tolist(), first, layout, path)
+
+
+def _parse_lines_python(lines: list[bytes], first: int, layout: _Layout, path: Path, delimiter: bytes) -> XpChunk:
+    """Parse one block of lines row by row: the regular rows' numbers in one buffer, any other
+    row by the careful parser, which names the line of a malformed one."""
     n_arrays = len(layout.arrays)
     regular_pieces: list[bytes] = []
     regular_rows: list[int] = []
@@ -414,11 +447,19 @@ def _parse_lines(lines: list[bytes], first: int, layout: _Layout, path: Path, de
         for j, arr in enumerate(arrays):
             if arr is not None:
                 flat[row, layout.offsets[j]:layout.offsets[j + 1]] = arr
+    return _assemble(flat, scalars, keep, first, layout, path)
 
-    coeff = np.full((n, 2, N_XP), np.nan)
-    err = np.full((n, 2, N_XP), np.nan)
-    corr = np.full((n, 2, N_CORR), np.nan)
-    target = {"coefficients": coeff, "coefficient_errors": err, "coefficient_correlations": corr}
+
+def _assemble(flat: np.ndarray, scalars: list, keep: list[int], first: int, layout: _Layout,
+              path: Path) -> XpChunk:
+    """The chunk from the parsed rows: ``flat`` (rows, row width) numbers, ``scalars`` each row's
+    fields (indexable by column), ``keep`` each row's index in the block's lines."""
+    n = len(keep)
+    covered = {what for _, _, what, _ in layout.arrays if sum(w == what for *_, w, _ in layout.arrays) == 2}
+    # an array both bands of which the file has is overwritten whole: no need to fill it first
+    target = {what: np.empty((n, 2, length)) if what in covered else np.full((n, 2, length), np.nan)
+              for what, length in ARRAY_LENGTHS.items()}
+    coeff, err, corr = target.values()
     for j, (col, band, what, length) in enumerate(layout.arrays):
         target[what][:, BANDS.index(band)] = flat[:, layout.offsets[j]:layout.offsets[j + 1]]
     del flat
@@ -426,9 +467,7 @@ def _parse_lines(lines: list[bytes], first: int, layout: _Layout, path: Path, de
     idx = layout.index
     sid = np.empty(n, dtype=np.int64)
     i_sid = idx["source_id"]
-    want_scalar = {name: idx[name] for name in ("bp_n_relevant_bases", "rp_n_relevant_bases", "phot_g_mean_mag",
-                                                  "phot_g_mean_mag_error", "phot_g_mean_flux",
-                                                  "phot_g_mean_flux_error") if name in idx}
+    want_scalar = layout.scalar_cols
     sc = {name: np.full(n, np.nan) for name in want_scalar}
     for row, fields in enumerate(scalars):
         try:

@@ -172,9 +172,11 @@ def _variance_maps() -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarra
     covariances (what makes survey-scale labelling affordable)."""
     bands, used = _bands()
     rows, cols = np.tril_indices(N_XP, -1)  # the archive's packing (correlation_matrix)
-    square = [(d ** 2).T for d in bands]  # (55, 343)
-    pair = [2.0 * (d[:, rows] * d[:, cols]).T for d in bands]  # (1485, 343)
-    return used, square, pair
+    # only the columns of the samples a band feeds (about half of the 343): half the flops
+    columns = [np.flatnonzero(u) for u in used]
+    square = [(d[c] ** 2).T for d, c in zip(bands, columns)]  # (55, used)
+    pair = [2.0 * (d[c][:, rows] * d[c][:, cols]).T for d, c in zip(bands, columns)]  # (1485, used)
+    return columns, square, pair
 
 
 def coefficient_sample_errors(errors: np.ndarray, correlations: np.ndarray | None) -> np.ndarray:
@@ -183,7 +185,7 @@ def coefficient_sample_errors(errors: np.ndarray, correlations: np.ndarray | Non
     diagonal over the bands, exactly what gaiaxpy publishes as ``flux_error``. A band whose
     correlations hold a NaN is taken as uncorrelated; a NaN band (missing) gives NaN where the
     spectrum needs it."""
-    used, square, pair = _variance_maps()
+    columns, square, pair = _variance_maps()
     e = np.asarray(errors, dtype=np.float64)
     rows, cols = np.tril_indices(N_XP, -1)
     var = np.zeros((len(e), len(XP_WAVELENGTH_NM)))
@@ -192,9 +194,12 @@ def coefficient_sample_errors(errors: np.ndarray, correlations: np.ndarray | Non
         v = (eb ** 2) @ square[b]
         if correlations is not None:
             r = np.asarray(correlations[:, b], dtype=np.float64)
-            ok = np.isfinite(r).all(1)[:, None]
-            v += (np.where(ok, r, 0.0) * eb[:, rows] * eb[:, cols]) @ pair[b]
-        var += np.where(used[b][None, :], v, 0.0)
+            terms = eb[:, rows]
+            terms *= eb[:, cols]
+            terms *= r
+            terms[~np.isfinite(r).all(1)] = 0.0  # a band without (finite) correlations: uncorrelated
+            v += terms @ pair[b]
+        var[:, columns[b]] += v
     return np.sqrt(np.maximum(var, 0.0))
 
 
