@@ -1,9 +1,10 @@
-"""Compiled parsing of one decimal number per line (numba), bit-identical to pandas' C parser.
+"""Compiled parsing of the bulk XP text (numba), numbers bit-identical to pandas' C parser.
 
 The bulk Gaia XP files are ~40 kB of decimal text a star, and turning that text into float64 is
-most of the cost of labelling a survey (docs/survey_scale.md). :func:`parse_floats` reads the
-buffer the bulk reader builds (one number per line, brackets turned into spaces) in one compiled
-pass with the GIL released, so several parse threads run at once.
+most of the cost of labelling a survey (docs/survey_scale.md). :func:`parse_rows` reads a block of
+the file's lines in one compiled pass (fields, quoted arrays and numbers), and :func:`parse_floats`
+a buffer of one number per line (the Python reader's path); both release the GIL, so several
+parse threads run at once.
 
 Each number is read as an integer mantissa and a power of ten. When the mantissa is below 2**53
 and the power within 22 of zero, both are exact doubles and one multiplication or division gives
@@ -106,6 +107,14 @@ def _number(buf: np.ndarray, start: int, end: int, pow10: np.ndarray) -> tuple:
     return True, -v if neg else v, j
 
 
+def _line_end(buf: np.ndarray, i: int) -> int:
+    """The index of the newline that ends the line starting at ``i`` (``buf.size`` if none)."""
+    n = buf.size
+    while i < n and buf[i] != 10:
+        i += 1
+    return i
+
+
 def _scan(buf: np.ndarray, out: np.ndarray, spans: np.ndarray, pow10: np.ndarray) -> tuple:
     """Parse ``buf`` (uint8, one number per line) into ``out``. A line the fast path cannot promise
     to round correctly (or that is not a plain number) gets NaN in ``out`` and its byte span in
@@ -117,9 +126,7 @@ def _scan(buf: np.ndarray, out: np.ndarray, spans: np.ndarray, pow10: np.ndarray
     m = 0
     while i < n:
         start = i
-        while i < n and buf[i] != 10:
-            i += 1
-        end = i  # the line is buf[start:end]
+        end = i = _line_end(buf, i)  # the line is buf[start:end]
         i += 1  # past the newline
         if end == n and start == n:
             break
@@ -160,9 +167,7 @@ def _scan_rows(buf: np.ndarray, delim: int, field_array: np.ndarray, arr_len: np
     m = 0
     while i < n:
         start = i
-        while i < n and buf[i] != 10:
-            i += 1
-        end = i
+        end = i = _line_end(buf, i)
         i += 1
         if line >= status.size:
             return -1, line, 0
@@ -271,8 +276,8 @@ if numba is None:
     _scan_compiled = _scan_rows_compiled = _gather_compiled = None
 else:
     _jit = numba.njit(nogil=True, cache=True)
-    _number = numba.njit(nogil=True, cache=True, inline="always")(_number)
-    _is_space = _jit(_is_space)
+    _inline = numba.njit(nogil=True, cache=True, inline="always")  # small helpers of the kernels' loops
+    _number, _is_space, _line_end = _inline(_number), _inline(_is_space), _inline(_line_end)
     _scan_compiled, _scan_rows_compiled, _gather_compiled = _jit(_scan), _jit(_scan_rows), _jit(_gather)
 
 

@@ -4,12 +4,14 @@ Gaia DR3 publishes its ~220 million XP spectra as 3,386 ``XpContinuousMeanSpectr
 files: ECSV (a ``# ``-commented YAML header, then comma-separated rows) whose array cells are
 JSON lists in double quotes, ``"[3325.74,-392.20,...]"``; a missing value is ``null`` (the archive)
 or an empty field (some mirrors). A row is about 40 kB of text, almost all of it the 2 x 1485
-correlations, so parsing dominates: :func:`iter_bulk_xp` reads ``chunk_rows`` lines at a time,
-splits each line on its quotes (one C call), joins the regular array cells of the whole chunk
-into one buffer of one number per line and parses it with pandas' C float parser (about 4x
-faster than ``np.fromstring``, and it releases the GIL, so parsing overlaps the model in another
-thread). Rows that are not regular (a ``null`` or empty band, a wrong element count, a bad number)
-go through a careful per-row parser that raises :class:`DataFileError` naming the file and line.
+correlations, so parsing dominates: :func:`iter_bulk_xp` reads ``chunk_rows`` lines at a time
+and, with numba installed, parses the block in one compiled pass with the GIL released
+(:func:`stellarlm.data.fast_floats.parse_rows`), so parsing overlaps the model in another thread.
+A block with a row that pass does not promise to read, or any block without numba, goes row by
+row: each line split on its quotes (one C call), the regular array cells of the block joined into
+one buffer of one number per line for pandas' C float parser, and the other rows (a ``null`` or
+empty band, a wrong element count, a bad number) through a careful per-row parser that raises
+:class:`DataFileError` naming the file and line. Both paths give the same numbers to the bit.
 
 :func:`iter_xp_chunks` gives the same chunks from any input the labeller accepts: a bulk file
 (gzipped or not), or any table :func:`stellarlm.data.gaia_xp.read_xp_continuous` reads (DataLink
@@ -252,6 +254,9 @@ class _Layout:
         self.arr_len = np.array([length for *_, length in self.arrays], dtype=np.int64)
         self.arr_off = self.offsets[:-1].astype(np.int64)
         self.scalar_cols = {name: self.index[name] for name in _SCALARS if name in self.index}
+        self.kept_cols = [*self.scalar_cols.values(), self.index["source_id"]]  # the scalars a chunk reads
+        # the arrays the file has for both bands: a chunk's copy of them is overwritten whole
+        self.both_bands = {w for _, _, w, _ in self.arrays if sum(x == w for *_, x, _ in self.arrays) == 2}
 
 
 def _scalar(field: bytes) -> float:
@@ -365,8 +370,7 @@ def _parse_lines(lines: list[bytes], first: int, layout: _Layout, path: Path, de
     if parsed is None:
         return _parse_lines_python(lines, first, layout, path, delimiter)
     flat, spans, keep = parsed
-    cols = list(layout.scalar_cols.values())
-    cols.append(layout.index["source_id"])
+    cols = layout.kept_cols
     scalars = [{c: block[a:b] for c, (a, b) in zip(cols, row[cols].tolist())} for row in spans]
     return _assemble(flat, scalars, keep.tolist(), first, layout, path)
 
@@ -455,9 +459,7 @@ def _assemble(flat: np.ndarray, scalars: list, keep: list[int], first: int, layo
     """The chunk from the parsed rows: ``flat`` (rows, row width) numbers, ``scalars`` each row's
     fields (indexable by column), ``keep`` each row's index in the block's lines."""
     n = len(keep)
-    covered = {what for _, _, what, _ in layout.arrays if sum(w == what for *_, w, _ in layout.arrays) == 2}
-    # an array both bands of which the file has is overwritten whole: no need to fill it first
-    target = {what: np.empty((n, 2, length)) if what in covered else np.full((n, 2, length), np.nan)
+    target = {what: np.empty((n, 2, length)) if what in layout.both_bands else np.full((n, 2, length), np.nan)
               for what, length in ARRAY_LENGTHS.items()}
     coeff, err, corr = target.values()
     for j, (col, band, what, length) in enumerate(layout.arrays):
