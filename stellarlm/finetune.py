@@ -186,6 +186,23 @@ class FinetuneConfig:
     # fit the new tokens' sigma calibration on the validation part (stellarlm.calibration.calibrate_rows):
     # a fine-tuned network is over-confident about what it has just learnt from a few hundred rows
     calibrate: bool = True
+    # token groups (comma-separated, e.g. "lamost") whose *input side* stage (a) trains as well: their
+    # rows of the value, error, offset and name embeddings and their spectrum stem (if the model has
+    # one). For a new instrument read into existing tokens (real LAMOST spectra into the lamost_*
+    # bins the base learnt from a synthetic stand-in): only how such a spectrum is read changes, so a
+    # star without these tokens still gets bit-identical answers (query rows stay frozen)
+    train_inputs: str = ""
+
+
+def input_groups(cfg: FinetuneConfig) -> list[str]:
+    """``cfg.train_inputs`` as a list of token groups; ConfigError for a name that is not a group."""
+    from .vocab import GROUPS
+
+    groups = [g.strip() for g in str(cfg.train_inputs).split(",") if g.strip()]
+    bad = [g for g in groups if g not in GROUPS]
+    if bad:
+        raise ConfigError(f"--train-inputs: {bad} are not token groups (the groups: {', '.join(GROUPS)})")
+    return groups
 
 
 _FINETUNE_CHECKS = {
@@ -212,6 +229,7 @@ _FINETUNE_RUNTIME = tuple(o for o in _RUNTIME_OPTIONS if o != "eval_every")
 def validate_finetune_config(cfg: FinetuneConfig) -> None:
     """ConfigError naming the first option of ``cfg`` that cannot work, before any work."""
     _check_options(cfg, _FINETUNE_CHECKS)
+    input_groups(cfg)
     if cfg.val_fraction + cfg.test_fraction >= 1:
         raise ConfigError(f"--val-fraction ({cfg.val_fraction}) + --test-fraction ({cfg.test_fraction}) must be "
                           "below 1: nothing would be left to train on")
@@ -573,16 +591,36 @@ def _stages(cfg: FinetuneConfig) -> list[tuple[str, int, float]]:
         [("unfrozen", cfg.unfreeze_steps, cfg.unfreeze_lr)] if cfg.unfreeze_steps else [])
 
 
-def _trainable(model: StellarTransformer, kind: str) -> list[torch.nn.Parameter]:
-    """Frozen stage: the per-token embedding and query tables (whose old rows get no gradient, see
-    the loop); else every parameter. Sets ``requires_grad`` to match."""
+def _trainable(model: StellarTransformer, kind: str, input_ids: list[int] = ()) -> list[torch.nn.Parameter]:
+    """Frozen stage: the per-token embedding and query tables (whose old rows get no gradient but
+    ``input_ids``' embedding rows, see :func:`_frozen_rows`) and, with ``input_ids``, the spectrum
+    stems that read them; else every parameter. Sets ``requires_grad`` to match."""
     tables = {n for n in StellarTransformer.TOKEN_TABLES if not n.startswith("stem.")}
+    if len(input_ids) and model.stem is not None:
+        stems = sorted({int(k) for k in model.stem.stem_of[torch.as_tensor(input_ids)].tolist() if k >= 0})
+        if stems:
+            tables |= {n for n in StellarTransformer.TOKEN_TABLES if n.startswith("stem.")}
+            tables |= {f"stem.mlp.{k}.{n}" for k in stems for n, _ in model.stem.mlp[k].named_parameters()}
     params = []
     for name, p in model.named_parameters():
         p.requires_grad_(kind != "frozen" or name in tables)
         if p.requires_grad:
             params.append(p)
     return params
+
+
+def _frozen_rows(model: StellarTransformer, n_old: int, input_ids: list[int]) -> dict[int, torch.Tensor]:
+    """Per trainable token table (by ``id`` of the parameter), the rows that stage (a) keeps fixed:
+    every old row, but the input side (not the query rows) of ``input_ids``."""
+    keep = torch.ones(n_old, dtype=torch.bool)
+    keep[torch.as_tensor(list(input_ids), dtype=torch.long)] = False
+    named = dict(model.named_parameters())
+    out = {}
+    for name in StellarTransformer.TOKEN_TABLES:
+        if name in named:
+            rows = torch.ones(n_old, dtype=torch.bool) if name == "query.weight" else keep
+            out[id(named[name])] = rows.to(named[name].device)
+    return out
 
 
 def _optimizer(params, lr: float) -> torch.optim.Optimizer:
@@ -600,6 +638,7 @@ def _finetune_locked(model: StellarTransformer, base_vocab: Vocabulary, base_met
     vocab = table.vocab
     names = [t.name for t in tokens]
     n_old, n_new = len(base_vocab), len(tokens)
+    input_ids = [t.id for t in base_vocab.tokens if t.group in input_groups(cfg)]
     train_data = FinetuneData.from_table(table.subset("train"), names)
     val_data = FinetuneData.from_table(table.subset("val"), names)
     sampling = _sampling_config(base_meta, cfg)
@@ -668,7 +707,8 @@ def _finetune_locked(model: StellarTransformer, base_vocab: Vocabulary, base_met
     with worker_pool(cfg.workers, device) as pool:
         while run["stage"] < len(stages) and not interrupted:
             kind, max_steps, lr = stages[run["stage"]]
-            params = _trainable(model, kind)
+            params = _trainable(model, kind, input_ids)
+            frozen_rows = _frozen_rows(model, n_old, input_ids)
             opt = _optimizer(params, lr)
             if opt_state is not None:
                 opt.load_state_dict(opt_state)
@@ -682,10 +722,10 @@ def _finetune_locked(model: StellarTransformer, base_vocab: Vocabulary, base_met
                 batch = _draw(train_data, cfg.batch_size, gen, sampling, cfg.p_new_input, device)
                 opt.zero_grad(set_to_none=True)
                 loss = loss_backward(model, batch, sampling, pool, beta)
-                if kind == "frozen":  # the old rows stay as they are
+                if kind == "frozen":  # the old rows stay as they are (but the input side of input_ids)
                     for p in params:
-                        if p.grad is not None:
-                            p.grad[:n_old] = 0
+                        if p.grad is not None and id(p) in frozen_rows:
+                            p.grad[:n_old][frozen_rows[id(p)]] = 0
                 norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 opt.step()
                 run["step"] += 1

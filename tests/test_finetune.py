@@ -269,3 +269,35 @@ def test_stellarlm_finetune_returns_the_new_model_and_leaves_itself_alone(base, 
                           batch_size=8, progress=False)
     assert "made_up" in tuned.names and "made_up" not in base.names
     assert len(base.model.query.weight) == len(base.vocab)
+
+
+def test_training_an_instruments_input_side_leaves_every_answer_without_it_alone(base, small_embedded, tmp_path):
+    """train_inputs="lamost": the lamost_* embedding rows and the LAMOST stem learn (a new instrument read
+    into old tokens), every other weight and every answer given no lamost_* token stay bit-identical."""
+    from stellarlm.vocab import LAMOST_NAMES
+
+    rng = np.random.default_rng(1)
+    pool = small_embedded.subset(small_embedded.split != 2)
+    part = pool.subset(np.sort(rng.choice(len(pool), 120, replace=False)))
+    rows = part.observed(LAMOST_NAMES)
+    rows["made_up"] = made_up(part, rng)
+    out = finetune(BASE, rows, ["made_up:kK"], tmp_path / "inputs", frozen_steps=30, eval_every=10, batch_size=32,
+                   n_buckets=2, progress=False, train_inputs="lamost", calibrate=False)
+    tuned = StellarLM.load(out, device="cpu")
+    old, new = base.model.state_dict(), tuned.model.state_dict()
+    lamost = torch.as_tensor(base.vocab.ids(LAMOST_NAMES))
+    others = torch.as_tensor([i for i in range(len(base.vocab)) if i not in set(lamost.tolist())])
+    n = len(base.vocab)
+    assert not torch.equal(old["embed.weight.weight"][lamost], new["embed.weight.weight"][:n][lamost])
+    assert torch.equal(old["embed.weight.weight"][others], new["embed.weight.weight"][:n][others])
+    assert torch.equal(old["query.weight"], new["query.weight"][:n])
+    changed = {k for k in old if k not in StellarTransformer.TOKEN_TABLES and not torch.equal(old[k], new[k])}
+    k = base.model.stem.stem_of[lamost[0]].item()
+    assert changed and all(c.startswith(f"stem.mlp.{k}.") for c in changed)
+    test = small_embedded.subset("test").subset(slice(0, 60))
+    assert _same(base.query(test.observed(XP_G), LABELS), tuned.query(test.observed(XP_G), LABELS))
+    moved = base.query(test.observed(LAMOST_NAMES), ["teff"])["teff"] != tuned.query(test.observed(LAMOST_NAMES),
+                                                                                      ["teff"])["teff"]
+    assert np.mean(moved) > 0.9
+    with pytest.raises(ConfigError, match="lamst"):
+        finetune(BASE, rows, ["made_up:kK"], tmp_path / "bad", train_inputs="lamst", progress=False)
