@@ -108,3 +108,25 @@ if __name__ == "__main__":
     print(json.dumps({k: v for k, v in info.items() if k != "skipped"}, indent=1))
     print("skipped:", info["skipped"][:5])
     print("bins missing per spectrum:", np.percentile((~np.isfinite(t.select(LAMOST_NAMES).values)).sum(1), [50, 90, 99, 100]))
+
+
+def crossmatch_embedded(labels: dict, radius_arcsec: float = 3.0) -> dict:
+    """How many of these LAMOST stars are embedded (APOGEE + XP) stars: nearest neighbour on the sky,
+    the embedded stars' positions from their 2MASS-style APOGEE ids."""
+    import astropy.units as u
+    from astropy.coordinates import SkyCoord
+
+    from stellarlm import load_embedded
+    from stellarlm.data.embedded import apogee_id_to_radec
+
+    emb = load_embedded()
+    ra, dec = apogee_id_to_radec(np.asarray(emb.star_id).astype(str))
+    ok = np.isfinite(ra) & np.isfinite(dec)
+    cat = SkyCoord(ra[ok] * u.deg, dec[ok] * u.deg)
+    idx, sep, _ = SkyCoord(labels["ra"] * u.deg, labels["dec"] * u.deg).match_to_catalog_sky(cat)
+    sep = sep.arcsec
+    rows = np.nonzero(sep < radius_arcsec)[0]
+    return {"radius_arcsec": radius_arcsec, "embedded_with_position": int(ok.sum()),
+            "lamost_rows": rows.tolist(), "embedded_rows": np.nonzero(ok)[0][idx[rows]].tolist(),
+            "matches": int((sep < radius_arcsec).sum()), "nearest_separation_arcsec_min": float(sep.min()),
+            "nearest_separation_arcsec_median": float(np.median(sep))}

@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # what the build needs (a copy, so the build leaves no build/ or *.egg-info in the checkout)
-SOURCES = ("pyproject.toml", "README.md", "LICENSE", "stellarlm", "vocab", "models/default")
+SOURCES = ("pyproject.toml", "README.md", "LICENSE", "stellarlm", "vocab", "models/default", "models/lamost_dr10")
 
 SCRIPT = """
 import os, sys
