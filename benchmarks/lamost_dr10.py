@@ -87,7 +87,8 @@ def load(data: Path = DATA, cache: Path = CACHE) -> tuple[TokenTable, dict[str, 
     rows = cat[cat["file"].isin(read)].copy()
     rows["_row"] = rows["file"].map(read)
     rows = rows.sort_values("_row")
-    assert list(rows["_row"]) == list(range(len(table))), "every read file has one catalogue row"
+    if list(rows["_row"]) != list(range(len(table))):
+        raise ValueError(f"{data / 'labels.csv'}: not every read file has exactly one catalogue row")
     labels = {c: rows[c].to_numpy() for c in (*LABELS, "snrg", "ra", "dec", "obsid")}
     labels["subclass"] = rows["subclass"].astype(str).to_numpy()
     labels["path"] = np.array([str(data / "spectra" / f) for f in rows["file"]])
@@ -100,14 +101,6 @@ def load(data: Path = DATA, cache: Path = CACHE) -> tuple[TokenTable, dict[str, 
     np.savez(lab_path, **labels)
     info_path.write_text(json.dumps(info, indent=1))
     return table, labels, info
-
-
-if __name__ == "__main__":
-    t, lab, info = load()
-    print(t)
-    print(json.dumps({k: v for k, v in info.items() if k != "skipped"}, indent=1))
-    print("skipped:", info["skipped"][:5])
-    print("bins missing per spectrum:", np.percentile((~np.isfinite(t.select(LAMOST_NAMES).values)).sum(1), [50, 90, 99, 100]))
 
 
 def crossmatch_embedded(labels: dict, radius_arcsec: float = 3.0) -> dict:
@@ -130,3 +123,11 @@ def crossmatch_embedded(labels: dict, radius_arcsec: float = 3.0) -> dict:
             "lamost_rows": rows.tolist(), "embedded_rows": np.nonzero(ok)[0][idx[rows]].tolist(),
             "matches": int((sep < radius_arcsec).sum()), "nearest_separation_arcsec_min": float(sep.min()),
             "nearest_separation_arcsec_median": float(np.median(sep))}
+
+
+if __name__ == "__main__":
+    t, lab, info = load()
+    print(t)
+    print(json.dumps({k: v for k, v in info.items() if k != "skipped"}, indent=1))
+    print("skipped:", info["skipped"][:5])
+    print("bins missing per spectrum:", np.percentile((~np.isfinite(t.select(LAMOST_NAMES).values)).sum(1), [50, 90, 99, 100]))

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lamost_dr10  # noqa: E402
 
 from stellarlm import StellarLM  # noqa: E402
+from stellarlm.pretrained import default_model_path  # noqa: E402
 from stellarlm.bench.baselines import mlp_ensemble_predict, mlp_predict, xgboost_predict  # noqa: E402
 from stellarlm.bench.metrics import calibration_metrics, residual_metrics  # noqa: E402
 from stellarlm.vocab import LAMOST_NAMES  # noqa: E402
@@ -88,7 +89,8 @@ def baselines(x_by_input: dict[str, np.ndarray], y: np.ndarray, split: np.ndarra
     return out
 
 
-def model_scores(path: str, table, y: np.ndarray, split: np.ndarray) -> dict:
+def model_scores(path: str, table, y: np.ndarray, split: np.ndarray, subclass: np.ndarray,
+                 reference: StellarLM) -> dict:
     model = StellarLM.load(path)
     want = TUNED_WANT if all(n in model.vocab for n in TUNED_WANT.values()) else BASE_WANT
     res = {"model": path, "model_sha256": model.model_sha256, "tokens_asked": want}
@@ -99,21 +101,20 @@ def model_scores(path: str, table, y: np.ndarray, split: np.ndarray) -> dict:
         sigma = np.column_stack([np.asarray(ans[f"{want[t]}_err"], float) for t in TARGETS])
         res[part] = _scores(pred, y[rows], sigma)
         if part == "test":
-            res["test_by_class"] = {k: _scores(pred[sel], y[rows][sel]) for k, sel in _classes(table, rows).items()}
-    res["xp_g_embedded_test"] = xp_answers(model)
+            res["test_by_class"] = {k: _scores(pred[sel], y[rows][sel]) for k, sel in _classes(subclass[rows]).items()}
+    res["xp_g_embedded_test"] = xp_answers(model, reference)
     return res
 
 
-def xp_answers(model: StellarLM) -> dict:
+def xp_answers(model: StellarLM, reference: StellarLM) -> dict:
     """Teff, logg, [M/H] from XP + G on the embedded test split against APOGEE, and how far the answers
-    are from the shipped default model's: what a LAMOST fine-tune did to the XP answers."""
+    are from the ``reference`` (shipped default) model's: what a LAMOST fine-tune did to the XP answers."""
     from stellarlm import load_embedded
-    from stellarlm.cli import DEFAULT_MODEL
     from stellarlm.vocab import XP_NAMES
 
     test = load_embedded().subset("test")
     obs, want = test.observed(XP_NAMES + ["g"]), ["teff", "logg", "m_h"]
-    ans, ref = model.query(obs, want), StellarLM.load(DEFAULT_MODEL).query(obs, want)
+    ans, ref = model.query(obs, want), reference.query(obs, want)
     out = {}
     for w in want:
         a, r = np.asarray(ans[w], float), np.asarray(ref[w], float)
@@ -131,24 +132,19 @@ def both_instruments(table, labels, models) -> dict:
 
     cm = lamost_dr10.crossmatch_embedded(labels)
     emb = load_embedded()
-    stars = []
-    for i, j in zip(cm["lamost_rows"], cm["embedded_rows"]):
-        star = {"lasp_teff": float(labels["teff"][i]), "apogee_teff": float(emb.column("teff")[j]),
-                "split_lamost": int(table.split[i])}
-        for m in models:
-            model = StellarLM.load(m)
+    stars = [{"lasp_teff": float(labels["teff"][i]), "apogee_teff": float(emb.column("teff")[j]),
+              "split_lamost": int(table.split[i])} for i, j in zip(cm["lamost_rows"], cm["embedded_rows"])]
+    for m in models:
+        model = StellarLM.load(m)
+        for star, i, j in zip(stars, cm["lamost_rows"], cm["embedded_rows"]):
             want = TUNED_WANT["teff"] if TUNED_WANT["teff"] in model.vocab else "teff"
             star[f"{m}: {want} from LAMOST"] = float(model.query(table.subset([i]).observed(LAMOST_NAMES), [want])[want][0])
             star[f"{m}: teff from XP + G"] = float(model.query(emb.subset([j]).observed(XP_NAMES + ["g"]), ["teff"])["teff"][0])
-        stars.append(star)
     return {**{k: v for k, v in cm.items() if not k.endswith("_rows")}, "stars": stars}
 
 
-_SUBCLASS = None
-
-
-def _classes(table, rows: np.ndarray) -> dict[str, np.ndarray]:
-    sub = _SUBCLASS[rows]
+def _classes(sub: np.ndarray) -> dict[str, np.ndarray]:
+    """Which of the stars (LAMOST subclasses, e.g. "F5") are A, F and G."""
     return {c: np.array([s.startswith(c) for s in sub]) for c in ("A", "F", "G")}
 
 
@@ -161,7 +157,6 @@ def _fmt(rec: dict) -> str:
 
 
 def main(argv=None) -> None:
-    global _SUBCLASS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="*", default=["models/default"])
     ap.add_argument("--out", default="benchmarks/results")
@@ -170,7 +165,6 @@ def main(argv=None) -> None:
     ap.add_argument("--baseline-inputs", nargs="*", default=["lamost_tokens", "pixels_normalised"])
     args = ap.parse_args(argv)
     table, labels, info = lamost_dr10.load()
-    _SUBCLASS = labels["subclass"]
     y = np.column_stack([labels[t].astype(float) for t in TARGETS])
     split = table.split
     result = {"data": {k: v for k, v in info.items() if k != "skipped"}, "skipped": info["skipped"],
@@ -188,7 +182,8 @@ def main(argv=None) -> None:
                 got = baselines({name: x_of()}, y, split)
                 cache.write_text(json.dumps(got, indent=1))
             result["baselines"].update(got)
-    result["models"] = [model_scores(m, table, y, split) for m in args.models]
+    reference = StellarLM.load(default_model_path())
+    result["models"] = [model_scores(m, table, y, split, labels["subclass"], reference) for m in args.models]
     result["crossmatch"] = both_instruments(table, labels, args.models)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -695,8 +695,8 @@ def _finetune_locked(model: StellarTransformer, base_vocab: Vocabulary, base_met
                                 "best_val_loss": val_new, "seconds": 0.0}) + "\n")
 
     def checkpoint(opt):
-        _save_checkpoint(out, model, vocab, opt, gen, run["step"], cfg, {**extra, "finetune": _summary(run)}, data_id,
-                         window, extra_state={"finetune": run})
+        _save_checkpoint(out, model, vocab, opt, gen, run["step"], cfg, {**extra, "finetune": _summary(run, cfg)},
+                         data_id, window, extra_state={"finetune": run})
 
     t0 = time.time()
     metrics = open(out / "metrics.jsonl", "a")
@@ -768,7 +768,7 @@ def _finetune_locked(model: StellarTransformer, base_vocab: Vocabulary, base_met
     if run["best_state"] is not None and interrupted:  # the best so far; the checkpoint keeps the live weights
         final = copy.deepcopy(model)
         final.load_state_dict(run["best_state"])
-    summary = _summary(run)
+    summary = _summary(run, cfg)
     if run["best_stage"] != "unfrozen":  # every old answer is the base model's: its calibration holds
         for key in ("sigma_scale", "sigma_tail", "sigma_by_inputs", "sigma_scale_fit"):
             if key in base_meta:
@@ -824,10 +824,12 @@ def initial_rows(model: StellarTransformer, vocab: Vocabulary, meta: dict, table
     return out
 
 
-def _summary(run: dict) -> dict:
+def _summary(run: dict, cfg: FinetuneConfig) -> dict:
+    # backbone_changed: whether answers given none of the new or input-trained tokens may differ from
+    # the base's; inputs_trained: the token groups whose reading (embeddings, stem) did change
     return {"best_val_loss": run["best"] if math.isfinite(run["best"]) else None, "best_step": run["best_step"],
             "best_stage": run["best_stage"], "stages": list(run["ended"]),
-            "backbone_changed": run["best_stage"] == "unfrozen"}
+            "backbone_changed": run["best_stage"] == "unfrozen", "inputs_trained": input_groups(cfg)}
 
 
 def _run_data_id(data: FinetuneData, base_id: dict, tokens: list[NewToken]) -> dict:

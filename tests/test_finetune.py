@@ -125,7 +125,7 @@ def test_finetuning_learns_a_new_token_better_than_the_median_and_than_scratch(b
     # only the new rows were trained: every old answer is the base model's, bit for bit
     assert _same(model.query(test.observed(XP_G), LABELS), tuned_model.query(test.observed(XP_G), LABELS))
     result = tuned_model.meta["finetune"]
-    assert not result["backbone_changed"]
+    assert not result["backbone_changed"] and result["inputs_trained"] == []
     # the old tokens keep the base model's calibration; the new one gets its own, fitted on the
     # validation part (20 rows with XP: a factor on the width, too few rows for a tail)
     meta = tuned_model.meta
@@ -299,5 +299,6 @@ def test_training_an_instruments_input_side_leaves_every_answer_without_it_alone
     moved = base.query(test.observed(LAMOST_NAMES), ["teff"])["teff"] != tuned.query(test.observed(LAMOST_NAMES),
                                                                                       ["teff"])["teff"]
     assert np.mean(moved) > 0.9
+    assert tuned.meta["finetune"]["inputs_trained"] == ["lamost"] and not tuned.meta["finetune"]["backbone_changed"]
     with pytest.raises(ConfigError, match="lamst"):
         finetune(BASE, rows, ["made_up:kK"], tmp_path / "bad", train_inputs="lamst", progress=False)
