@@ -154,12 +154,12 @@ def fit_answers(answer: Predictive, truth: np.ndarray, truth_err: np.ndarray, ta
 def calibrate_rows(model, rows, names: Sequence[str], tail_min_rows: int = TAIL_MIN_ROWS) -> tuple[dict, dict]:
     """The calibration of ``names`` (e.g. fine-tuned tokens) fitted on ``rows`` (a TokenTable: the
     user's validation part), each row given its other tokens, per kind of input
-    (``stellarlm.query.INPUT_KINDS``) with at least 10 rows: scale and tail with ``tail_min_rows``
+    (``stellarlm.input_kinds.INPUT_KINDS``) with at least 10 rows: scale and tail with ``tail_min_rows``
     rows or more, the scale alone below (three numbers from a few dozen stars would be noise).
-    ``model``: a StellarLM whose own calibration of ``names`` is not applied. Returns the fits
+    ``model``: a StellarLM (or Predictor) whose own calibration of ``names`` is not applied. Returns the fits
     ``{kind: {"sigma_scale": ..., "sigma_tail": ...}}`` (for :func:`add_calibration`) and the
     number of rows of each."""
-    from .query import INPUT_KINDS, input_kind
+    from .input_kinds import INPUT_KINDS, input_kind
 
     known = [n for n in rows.names if n not in names]
     present = np.isfinite(rows.select(known).values)
@@ -182,7 +182,7 @@ def add_calibration(meta: dict, fits: dict) -> dict:
     """``meta`` (a model's JSON) with the per-kind ``fits`` of :func:`calibrate_rows` added name by
     name; the other names keep theirs. A model calibrated before ``sigma_by_inputs`` existed (one
     calibration for every kind) gets it spelled out per kind first, so that its meaning is kept."""
-    from .query import INPUT_KINDS
+    from .input_kinds import INPUT_KINDS
 
     meta = json.loads(json.dumps(meta))
     if "sigma_by_inputs" not in meta:
@@ -201,7 +201,7 @@ def calibrate(model_dir: str | os.PathLike, inputs: Sequence[str] | None, want: 
     (:func:`fit_tail_calibration`, or with ``tail=False`` :func:`fit_sigma_scale`), write it into
     ``model_dir``'s JSON file, and return the scale factors of stars with XP.
 
-    Each kind of input (``stellarlm.query.INPUT_KINDS``) has its own: stars with XP from ``inputs``
+    Each kind of input (``stellarlm.input_kinds.INPUT_KINDS``) has its own: stars with XP from ``inputs``
     (default XP + G; ``sigma_scale``, ``sigma_tail``), and with ``by_inputs`` (``sigma_by_inputs``),
     stars with a LAMOST-like spectrum and no XP from the spectrum alone, and stars with photometry
     and neither spectrum from the photometry (G, BP, RP, J, H, Ks) alone: a network is
@@ -211,18 +211,19 @@ def calibrate(model_dir: str | os.PathLike, inputs: Sequence[str] | None, want: 
     star. Refitting starts from the network's own answers."""
     from .data.embedded import load_embedded
     from .integrity import atomic_write, write_checksums
-    from .query import INPUT_KINDS, KIND_GROUPS, StellarLM
+    from .input_kinds import INPUT_KINDS, KIND_GROUPS
+    from .predictor import Predictor
     from .training import META_FILE, WEIGHTS_FILE, load_model
     from .vocab import XP_NAMES
 
     net, vocab, meta = load_model(model_dir)
     bare = {k: v for k, v in meta.items() if k not in ("sigma_scale", "sigma_tail", "sigma_by_inputs")}
-    model = StellarLM(net, vocab, bare)  # fit on the uncalibrated answers
+    model = Predictor(net, vocab, bare)  # fit on the uncalibrated answers
     val = load_embedded(cache_dir).subset("val")
     truth = val.select(list(want))
     clip = (TAIL_CLIP if tail else CLIP) if clip is None else clip
     kinds = {"xp": list(inputs or XP_NAMES + ["g"])}
-    if by_inputs:  # the other kinds from all their tokens the data has (stellarlm.query.input_kind)
+    if by_inputs:  # the other kinds from all their tokens the data has (stellarlm.input_kinds.input_kind)
         for kind in ("lamost", "photometry"):
             kinds[kind] = [n for n in val.names if vocab[n].group in KIND_GROUPS[kind]]
     fits, fitted_on = {}, {}

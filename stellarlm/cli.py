@@ -13,6 +13,10 @@
     stellarlm similar --model DIR --index INDEX --like FILE|SOURCE_ID -k 10   the most similar stars
     stellarlm anomaly calibrate --model DIR                   anomaly-score scales from the validation split
     stellarlm anomaly score --model DIR --input stars.fits --output scores.fits   how surprising each star is
+
+One idea, the command line, in one file past 500 lines: a parser and a short function per
+subcommand that hands over to the module doing the work (train, query, label, finetune, ...);
+what makes it long is the options, and a reader looks for them in one place.
 """
 
 from __future__ import annotations
@@ -191,21 +195,22 @@ def _write_table(table, path: Path, fmt: str) -> None:
 
 
 def _read_query_input(args):
-    """The input table (:func:`stellarlm.query.read_star_table`): token columns as they are, or a
+    """The input table (:func:`stellarlm.star_table.read_star_table`): token columns as they are, or a
     Gaia archive XP file turned into XP tokens + G. Returns (table, columns to keep)."""
-    from .query import read_star_table
+    from .star_table import read_star_table
 
     return read_star_table(args.input, args.format, args.keep, args.g_mag, args.synthetic_g, args.truncate)
 
 
 def _query(args) -> int:
-    from .query import StellarLM, _token_of
+    from .query import StellarLM
+    from .star_table import token_of
 
     fmt = _output_format(args)
     observed, ids = _read_query_input(args)
     args.keep = list(dict.fromkeys([*ids, *args.keep]))
     model = StellarLM.load(args.model)
-    tokens = [c for c in observed.colnames if _token_of(c) in model.vocab]
+    tokens = [c for c in observed.colnames if token_of(c) in model.vocab]
     dropped = [c for c in observed.colnames if c not in tokens and c not in args.keep]
     if dropped and not args.ignore_unknown:
         raise StellarLMError(f"{args.input}: columns {dropped[:8]} are not token names; pass --ignore-unknown "
@@ -317,7 +322,8 @@ def _similar(args) -> int:
     import numpy as np
 
     from .alignment import view_names
-    from .query import StellarLM, _token_of
+    from .query import StellarLM
+    from .star_table import token_of
     from .similarity import EmbeddingIndex
 
     fmt = _table_format(args.output, args.format_out) if args.output else None
@@ -329,10 +335,10 @@ def _similar(args) -> int:
     if Path(like).exists():
         observed, _ = _read_query_input(argparse.Namespace(input=like, format=args.format, keep=[],
                                                            synthetic_g=args.synthetic_g, g_mag=None, truncate=False))
-        tokens = [c for c in observed.colnames if _token_of(c) in model.vocab]
+        tokens = [c for c in observed.colnames if token_of(c) in model.vocab]
         if args.view:
-            keep = set(view_names(args.view, [_token_of(c) for c in tokens]))
-            tokens = [c for c in tokens if _token_of(c) in keep]
+            keep = set(view_names(args.view, [token_of(c) for c in tokens]))
+            tokens = [c for c in tokens if token_of(c) in keep]
         if not tokens:
             raise StellarLMError(f"--like {like}: no column is a token name" + (f" of view {args.view}" if args.view else ""))
         out = model.similar(observed[tokens + [c for c in ("source_id",) if c in observed.colnames]], k=args.k,
@@ -415,13 +421,14 @@ def _anomaly_calibrate(args) -> int:
 
 
 def _anomaly_score(args) -> int:
-    from .query import StellarLM, _token_of
+    from .query import StellarLM
+    from .star_table import token_of
 
     fmt = _output_format(args)
     args.keep, args.synthetic_g, args.g_mag, args.truncate = [], False, None, False
     observed, _ = _read_query_input(args)
     model = StellarLM.load(args.model)
-    tokens = [c for c in observed.colnames if _token_of(c) in model.vocab]
+    tokens = [c for c in observed.colnames if token_of(c) in model.vocab]
     if not tokens:
         raise StellarLMError(f"{args.input}: no column is a token name; nothing to score")
     out = model.anomaly(observed[tokens + [c for c in ("source_id",) if c in observed.colnames]], progress=True)

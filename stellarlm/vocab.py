@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BadValueError, ConfigError, UnknownTokenError, VocabularyMismatchError
+from .lamost_grid import N_LAMOST, lamost_bin_centres
 
 N_XP = 55  # Gaia DR3 XP coefficients per band (BP and RP), as the archive gives them
 # The XP tokens are the sampled spectrum (gaiaxpy's 336-1020 nm grid, 2 nm steps) averaged over
@@ -39,7 +40,6 @@ XP_BIN_NM = 6.0
 XP_BIN_CENTRES_NM = 338.0 + XP_BIN_NM * np.arange(114)
 N_XP_BINS = len(XP_BIN_CENTRES_NM)
 XP_BP_RP_SPLIT_NM = 640.0  # bins centred below come from BP alone (or BP and RP merged near 640 nm)
-N_LAMOST = 200  # bins of the (synthetic) LAMOST-like spectrum; grid in stellarlm.data.lamost
 SQUASH = 3.0  # model units are linear in the robust z-score up to about this many scales
 GAIA_G_ZEROPOINT = 25.6874  # Gaia EDR3 G zero point (Riello et al. 2021), mag for 1 e-/s
 XP_REFERENCE_G = 15.0  # XP tokens are the flux the star would have at this G magnitude ...
@@ -131,8 +131,6 @@ def _scalar_tokens(first_id: int) -> list[Token]:
 
 
 def _lamost_tokens(first_id: int) -> list[Token]:
-    from .data.lamost import lamost_bin_centres  # the grid lives with the LAMOST reader
-
     centres = lamost_bin_centres()
     return [Token(id=first_id + i, name=f"lamost_{i}", group="lamost", unit="", synthetic=True,
                   description=(f"LAMOST-like low-resolution flux near {c:.1f} A (vacuum), divided by the "

@@ -41,7 +41,7 @@ def run(entry: dict, rank: str) -> None:
             shutil.copytree(entry["copy_from"], out)
         if dist.is_initialized():
             dist.barrier()
-    training._phase = functools.partial(_record, out.parent / f"{out.name}.saves-rank{rank}")
+    training.checkpoint._phase = functools.partial(_record, out.parent / f"{out.name}.saves-rank{rank}")
     training.train = functools.partial(TRAIN, stop_at=entry.get("stop_at"))
     rc = main(["train", *argv])
     (out.parent / f"{out.name}.rc-rank{rank}").write_text(f"{rc}\n")

@@ -106,7 +106,7 @@ def test_adding_a_tokens_calibration_keeps_the_others_meaning():
     """A fine-tuned token's fit is added name by name; a model calibrated before per-kind tables
     existed (one table for every kind) keeps applying it to every kind."""
     from stellarlm.calibration import add_calibration
-    from stellarlm.query import INPUT_KINDS, calibration_tables
+    from stellarlm.input_kinds import INPUT_KINDS, calibration_tables
     from stellarlm.vocab import Vocabulary, default_vocab_path
 
     vocab = Vocabulary.load(default_vocab_path())

@@ -59,10 +59,10 @@ def test_a_kill_at_any_phase_of_a_save_resumes_bit_identically(small, straight, 
         if name == phase and seen.count(name) == 2:  # during the second checkpoint (step 8)
             raise Killed(name)
 
-    monkeypatch.setattr(training, "_phase", die)
+    monkeypatch.setattr(training.checkpoint, "_phase", die)
     with pytest.raises(Killed):
         train(small, _cfg(tmp_path), progress=False)
-    monkeypatch.setattr(training, "_phase", lambda name: None)
+    monkeypatch.setattr(training.checkpoint, "_phase", lambda name: None)
     before = latest_checkpoint(tmp_path)
     assert before is not None and (before / "checksums.json").exists()
     train(small, _cfg(tmp_path), progress=False, resume=True)

@@ -10,7 +10,7 @@ from astropy.io import fits
 from astropy.table import Table
 
 from stellarlm import BadValueError, DataFileError, TokenTable
-from stellarlm.data import gaia_xp
+from stellarlm.data import gaia_download, gaia_xp
 from stellarlm.data.apogee import read_allstar
 from stellarlm.data.table import split_with_fallback
 from stellarlm.data.gaia_xp import download_xp_continuous, read_xp_continuous
@@ -371,7 +371,7 @@ def fake_gaia(monkeypatch, tmp_path):
 @pytest.mark.parametrize("ext", ["csv", "ecsv", "fits", "xml"])
 def test_download_xp_continuous_offline(tmp_path, fake_gaia, monkeypatch, ext):
     calls, mode, c, e = fake_gaia
-    monkeypatch.setattr(gaia_xp, "DATALINK_MAX_IDS", 2)  # 3 ids -> two DataLink requests
+    monkeypatch.setattr(gaia_download, "DATALINK_MAX_IDS", 2)  # 3 ids -> two DataLink requests
     out = download_xp_continuous(SIDS + [SIDS[0]], tmp_path / f"out.{ext}")
     assert out.exists()
     assert [ids for ids, _ in calls["load_data"]] == [SIDS[:2], SIDS[2:]]

@@ -260,9 +260,9 @@ def with_colours(x: np.ndarray, inputs: list[str]) -> np.ndarray:
 
 
 def _default_model() -> Path:
-    from ..cli import DEFAULT_MODEL
+    from ..pretrained import default_model_path
 
-    return DEFAULT_MODEL
+    return default_model_path()
 
 
 def _training_seconds(model_dir: Path) -> float | None:

@@ -1,0 +1,1 @@
+"""Survey readers and the embedded data set: real files in, TokenTables of named tokens out."""

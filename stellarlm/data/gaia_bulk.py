@@ -19,6 +19,11 @@ empty band, a wrong element count, a bad number) through a careful per-row parse
 sliced, the text formats are read whole by astropy) and Parquet (through pyarrow, batch by batch,
 when pyarrow is installed).
 
+One idea, reading XP coefficients in bulk, in one file past 500 lines: the compiled pass and the
+careful row-by-row path must give the same numbers to the bit and name the same bad lines, and they
+are easiest to keep so side by side (the compiled kernels themselves are in
+:mod:`stellarlm.data.fast_floats`).
+
 Example
 -------
 >>> from stellarlm.data.gaia_bulk import iter_xp_chunks

@@ -22,31 +22,18 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 
 from ..errors import BadValueError, DataFileError
-from ..vocab import N_LAMOST
+from ..lamost_grid import LAMOST_WAVE_MAX, LAMOST_WAVE_MIN, N_LAMOST, lamost_bin_centres, lamost_bin_edges
+from ..vocab import Vocabulary
+from .table import TokenTable, split_with_fallback
 
-if TYPE_CHECKING:  # the vocabulary imports this module for the grid: keep table/vocab imports lazy
-    from ..vocab import Vocabulary
-    from .table import TokenTable
-
-LAMOST_WAVE_MIN = 3700.0  # Angstrom, vacuum
-LAMOST_WAVE_MAX = 9000.0
-
-
-def lamost_bin_edges() -> np.ndarray:
-    """Edges (Angstrom, vacuum) of the ``N_LAMOST`` log-spaced bins of the lamost_* tokens."""
-    return np.geomspace(LAMOST_WAVE_MIN, LAMOST_WAVE_MAX, N_LAMOST + 1)
-
-
-def lamost_bin_centres() -> np.ndarray:
-    """Geometric centres (Angstrom, vacuum) of the lamost_* token bins."""
-    e = lamost_bin_edges()
-    return np.sqrt(e[:-1] * e[1:])
-
+# the grid is stellarlm.lamost_grid's; its names stay importable from here, where users look for them
+__all__ = ["LAMOST_WAVE_MAX", "LAMOST_WAVE_MIN", "N_LAMOST", "lamost_bin_centres", "lamost_bin_edges",
+           "bin_to_lamost_grid", "resample_to_lamost_grid", "read_lamost_lrs", "MIN_BIN_COVERAGE", "LamostBins"]
 
 # --- reader for real LAMOST LRS spectra -------------------------------------------------------------
 
@@ -361,9 +348,6 @@ def read_lamost_lrs(paths: str | Path | Sequence[str | Path], *, on_error: Liter
     >>> t.meta["skipped"][0]["problem"]
     'spec-missing.fits: no such file'
     """
-    from ..vocab import Vocabulary
-    from .table import TokenTable, split_with_fallback
-
     if on_error not in ("raise", "skip"):
         raise BadValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
     path_list = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
