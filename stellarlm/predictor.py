@@ -72,7 +72,8 @@ class Predictor:
 
         Returns
         -------
-        StellarLM
+        Predictor
+            An instance of the class it is called on (``StellarLM.load`` gives a StellarLM).
 
         Examples
         --------

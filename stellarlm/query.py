@@ -52,7 +52,7 @@ class StellarLM(Predictor):
         Parameters
         ----------
         name_or_path : str or os.PathLike
-            ``"default"`` (the only shipped model so far; see
+            ``"default"``, another shipped model (``"lamost_dr10"``; see
             :data:`stellarlm.pretrained.PRETRAINED`) or a model directory, as for :meth:`load`.
         device, vocab
             As for :meth:`load`.

@@ -68,14 +68,10 @@ def table_columns(observed, vocab: Vocabulary) -> tuple[dict[str, np.ndarray], d
     table with: units converted, masked cells NaN, unknown names refused with suggestions."""
     from astropy.table import Table
 
-    if isinstance(observed, Table):
-        raw = {name: observed[name] for name in observed.colnames}
-    elif hasattr(observed, "to_dict") and hasattr(observed, "columns"):  # pandas DataFrame
-        raw = {str(c): observed[c].to_numpy() for c in observed.columns}
-    elif isinstance(observed, Mapping):
-        raw = {str(k): v for k, v in observed.items()}
-    else:
+    is_frame = hasattr(observed, "to_dict") and hasattr(observed, "columns")  # pandas DataFrame
+    if not (isinstance(observed, (Table, Mapping)) or is_frame):
         raise TypeError(f"observed must be an astropy Table, a pandas DataFrame or a dict, not {type(observed)}")
+    raw = {str(k): v for k, v in as_mapping(observed).items()}
     cols = {}
     for name, col in raw.items():
         token = token_of(name)
