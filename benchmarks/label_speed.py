@@ -16,7 +16,9 @@
    - end to end, one process on the 2 cores (``--threads 1``: the model in the main thread,
      parsing in reader threads): wall time, stars/s, peak RSS (``wait4``);
    - two ranks (RANK/WORLD_SIZE as torchrun sets them), each pinned to one core with ``taskset``,
-     each labelling its own ``--rank-rows`` file: aggregate stars/s and peak RSS per rank.
+     each labelling its own ``--rank-rows`` file: aggregate stars/s and peak RSS per rank;
+3. with ``--converted``: the rank files converted to FITS (``stellarlm convert``, one process per
+   core) and labelled again from the FITS by two ranks, the rate of a second pass over a survey.
 
 Writes ``benchmarks/results/label_speed.json``. ``--model``: a trained model directory; without
 it an untrained model of the default configuration is made (the JSON says which was used). The
@@ -200,8 +202,11 @@ def _phase(args, me, env, model, work, files, before: bool) -> dict:
     out = {}
     scratch = work / f"components_{tag}"
     scratch.mkdir(exist_ok=True)
-    comp = _wait([_run(me + ["--components", "--inputs", str(files["small"]), "--model", str(model), "--phot", phot,
-                             "--out", str(scratch)] + flag, env)])[0]
+    if args.skip_components:
+        comp = {"result": "skipped"}
+    else:
+        comp = _wait([_run(me + ["--components", "--inputs", str(files["small"]), "--model", str(model), "--phot", phot,
+                                 "--out", str(scratch)] + flag, env)])[0]
     out["components_one_thread"] = comp["result"] or comp
     print(tag, "components:", out["components_one_thread"], flush=True)
 
@@ -235,6 +240,29 @@ def _phase(args, me, env, model, work, files, before: bool) -> dict:
     return out
 
 
+def _converted(args, me, env, model, work, files) -> dict:
+    """The rank files converted to FITS, two processes, one core each; then the 2-rank labelling of
+    the FITS files, today's code (the second pass over a survey)."""
+    from stellarlm.data import xp_fits
+
+    fits_dir = work / "fits"
+    shutil.rmtree(fits_dir, ignore_errors=True)
+    t = time.perf_counter()
+    procs = [_run([sys.executable, "-m", "stellarlm.cli", "convert", str(p), "--out", str(fits_dir)], env,
+                  cpus=str(k)) for k, p in enumerate(files["ranks"])]
+    conv = _wait(procs)
+    wall = time.perf_counter() - t
+    stars = 2 * args.rank_rows
+    converted = [fits_dir / xp_fits.output_name(p) for p in files["ranks"]]
+    out = {"convert": {"procs": conv, "wall_s": wall, "stars_per_s": stars / wall,
+                       "fits_bytes_per_star": sum(p.stat().st_size for p in converted) / stars,
+                       "text_gz_bytes_per_star": sum(p.stat().st_size for p in files["ranks"]) / stars}}
+    print("convert:", {k: v for k, v in out["convert"].items() if k != "procs"}, flush=True)
+    quick = argparse.Namespace(**{**vars(args), "skip_one_process": True, "skip_components": True})
+    out["label_fits"] = _phase(quick, me, env, model, work, {**files, "ranks": converted}, before=False)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=1_000_000, help="rows of the one-process run's file")
@@ -249,6 +277,9 @@ def main() -> None:
     ap.add_argument("--skip-one-process", action="store_true")
     ap.add_argument("--skip-before", action="store_true", help="today's reader and model only")
     ap.add_argument("--parse-threads", type=int, default=2, help="reader threads of the one-process run")
+    ap.add_argument("--converted", action="store_true", help="then convert the rank files to FITS (stellarlm "
+                    "convert, one process per core) and label those with 2 ranks: the rate of a second pass")
+    ap.add_argument("--skip-components", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--components", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--before", action="store_true", help=argparse.SUPPRESS)
@@ -303,6 +334,9 @@ def main() -> None:
 
     for before in ((False,) if args.skip_before else (True, False)):
         report["before" if before else "after"] = _phase(args, me, env, model, work, files, before)
+
+    if args.converted:
+        report["converted"] = _converted(args, me, env, model, work, files)
 
     Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out_json).write_text(json.dumps(report, indent=1, default=str))

@@ -620,6 +620,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .survey import add_label_command
 
     add_label_command(sub)  # stellarlm label: streaming survey labelling (stellarlm/survey.py)
+    from .data.xp_fits import add_convert_command
+
+    add_convert_command(sub)  # stellarlm convert: bulk XP text -> binary FITS, parsed once
     return parser
 
 

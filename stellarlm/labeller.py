@@ -120,6 +120,7 @@ class Labeller:
 
         from .predictive import Predictive, stack
         from .input_kinds import input_kind
+        from .predictor import pack_present
 
         lm = self.lm
         vn, en = lm.vocab.normalise(values, self.in_ids, errors)
@@ -136,14 +137,7 @@ class Labeller:
                     memory, memory_mask = self.fixed.encode(self._tensor(vn[sl], torch.float32),
                                                             self._tensor(en[sl], torch.float32))
                 else:
-                    counts = p.sum(1)
-                    width = max(int(counts.max()), 1)
-                    order = np.argsort(~p, axis=1, kind="stable")[:, :width]
-                    mask = np.take_along_axis(p, order, 1)
-                    tok = self.in_ids[order]
-                    val = np.where(mask, np.take_along_axis(np.nan_to_num(vn[sl]), order, 1), 0.0)
-                    err = np.where(mask, np.take_along_axis(en[sl], order, 1), 1.0)
-                    mask[counts == 0, 0] = True
+                    tok, val, err, mask = pack_present(self.in_ids, vn[sl], en[sl], p)
                     memory, memory_mask = self.net.encode(
                         self._tensor(tok, torch.long), self._tensor(val, torch.float32),
                         self._tensor(err, torch.float32), self._tensor(mask, torch.bool))

@@ -38,6 +38,21 @@ from .training import load_model, pick_device
 from .vocab import N_XP, XP_NAMES, Vocabulary
 
 
+def pack_present(ids: np.ndarray, vn: np.ndarray, en: np.ndarray, present: np.ndarray):
+    """Each star's present tokens packed to the left (order is irrelevant to the model), as the
+    encoder takes them: token ids, values, errors (normalised) and the mask, each (b, widest star).
+    A star with nothing observed attends to one dummy token; its answers are blanked by the caller."""
+    counts = present.sum(1)
+    width = max(int(counts.max()), 1)
+    order = np.argsort(~present, axis=1, kind="stable")[:, :width]
+    mask = np.take_along_axis(present, order, 1)
+    tok = ids[order]
+    val = np.where(mask, np.take_along_axis(np.nan_to_num(vn), order, 1), 0.0)
+    err = np.where(mask, np.take_along_axis(en, order, 1), 1.0)
+    mask[counts == 0, 0] = True
+    return tok, val, err, mask
+
+
 class Predictor:
     """A trained stellarlm model with its vocabulary, behind a query API."""
 
@@ -254,14 +269,7 @@ class Predictor:
         """One batch -> the mixture's (b, Q, K) weights, means and sigmas in normalised units. Each
         star's present tokens are packed to the left (order is irrelevant to the model)."""
         b = len(vn)
-        counts = present.sum(1)
-        width = max(int(counts.max()), 1)
-        order = np.argsort(~present, axis=1, kind="stable")[:, :width]
-        mask = np.take_along_axis(present, order, 1)
-        tok = ids[order]
-        val = np.where(mask, np.take_along_axis(np.nan_to_num(vn), order, 1), 0.0)
-        err = np.where(mask, np.take_along_axis(en, order, 1), 1.0)
-        mask[counts == 0, 0] = True  # a star with nothing observed: attend to a dummy, answer blanked later
+        tok, val, err, mask = pack_present(ids, vn, en, present)
         dev = self.device
         memory, memory_mask = self.model.encode(
             torch.as_tensor(tok, device=dev), torch.as_tensor(val, dtype=torch.float32, device=dev),
