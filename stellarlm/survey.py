@@ -175,12 +175,9 @@ def assign(inputs: Sequence[Path], world: int) -> list[list[Path]]:
 
 
 def output_name(path: Path) -> str:
-    name = path.name
-    for ending in _INPUT_ENDINGS:
-        if name.lower().endswith(ending):
-            name = name[: -len(ending)]
-            break
-    return name + OUTPUT_SUFFIX
+    from .data.gaia_bulk import strip_ending
+
+    return strip_ending(path.name, _INPUT_ENDINGS) + OUTPUT_SUFFIX
 
 
 # --- one input ---------------------------------------------------------------------------------------------

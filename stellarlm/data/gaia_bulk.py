@@ -138,6 +138,19 @@ def open_text_stream(path: Path, raw: HashingReader):
     return buffered
 
 
+def strip_ending(name: str, endings: tuple[str, ...]) -> str:
+    """``name`` without the first of ``endings`` it ends with (case-insensitive), else unchanged:
+    the stem that ``stellarlm label`` and ``stellarlm convert`` name their outputs after.
+
+    >>> strip_ending("XpContinuousMeanSpectrum_000000-003111.CSV.gz", (".csv.gz", ".csv"))
+    'XpContinuousMeanSpectrum_000000-003111'
+    """
+    for ending in endings:
+        if name.lower().endswith(ending):
+            return name[: -len(ending)]
+    return name
+
+
 def is_bulk_ecsv(path: Path) -> bool:
     """True if ``path`` (``.csv``/``.ecsv``, optionally ``.gz``) is text with an ECSV header whose
     columns hold ``bp_coefficients`` (the Gaia bulk/DataLink layout the fast parser reads)."""

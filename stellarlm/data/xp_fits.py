@@ -36,7 +36,7 @@ import numpy as np
 
 from ..errors import DataFileError
 from ..vocab import N_XP
-from .gaia_bulk import BANDS, N_CORR, iter_xp_chunks
+from .gaia_bulk import BANDS, N_CORR, iter_xp_chunks, strip_ending
 
 FITS_BLOCK = 2880
 OUTPUT_SUFFIX = ".xp.fits"
@@ -86,11 +86,7 @@ def _table_header(dtype: np.dtype, n_rows: int, extra: dict):
 
 def output_name(path: Path) -> str:
     """``XpContinuousMeanSpectrum_000000-003111.csv.gz`` -> ``XpContinuousMeanSpectrum_000000-003111.xp.fits``."""
-    name = path.name
-    for ending in _TEXT_ENDINGS:
-        if name.lower().endswith(ending):
-            return name[: -len(ending)] + OUTPUT_SUFFIX
-    return name + OUTPUT_SUFFIX
+    return strip_ending(path.name, _TEXT_ENDINGS) + OUTPUT_SUFFIX
 
 
 def convert_xp_file(path: str | os.PathLike, out_dir: str | os.PathLike, *, chunk_rows: int = 1024,
